@@ -1,0 +1,129 @@
+"""Typed configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` extend these schemas, so a misspelt key
+(``optimizer.lrr=0.1``) or a wrong type (``schedule.epochs=ten``) fails while Hydra
+composes the config, in a second, naming the key - long before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class SynthConfig:
+    """Parameters of the generated ``shapes`` dataset (ignored for real data)."""
+
+    num_train: int = 400
+    num_val: int = 100
+    image_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "shapes"
+    # A VOC-style folder (Annotations/, JPEGImages/, ImageSets/Main/). null for `shapes`,
+    # which is generated on first use under `cache_dir`.
+    root: str | None = None
+    classes: list[str] = field(default_factory=list)
+    # Names of ImageSets/Main/<split>.txt. A folder without ImageSets gets a seeded
+    # `val_fraction` split of Annotations/*.xml instead.
+    train_split: str | None = "train"
+    val_split: str | None = "val"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    batch_size: int = 2  # images per worker per step
+    hflip_prob: float = 0.5
+    on_error: str = "skip"  # skip | raise: what to do with images whose annotation is broken
+    cache_dir: str = "~/.cache/detexp"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    # torchvision weight enum member names (e.g. DEFAULT, COCO_V1, IMAGENET1K_V1);
+    # null = random init. Weights come from the TORCH_HOME cache or are downloaded.
+    weights: str | None = None
+    weights_backbone: str | None = None
+    # A detexp checkpoint or a plain state dict to start from (fine-tune your own weights).
+    checkpoint: str | None = None
+    min_size: int = 320
+    max_size: int = 320
+    trainable_backbone_layers: int | None = None
+    # RoIs sampled per image for the box head's loss (torchvision: 512). Fewer is much
+    # cheaper on a CPU and enough for images with a handful of objects.
+    box_batch_size_per_image: int = 512
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"  # multistep | cosine
+    epochs: int = 26
+    lr_steps: list[int] = field(default_factory=lambda: [16, 22])
+    lr_gamma: float = 0.1
+    # Linear warm-up over the first iterations of epoch 0, from lr * warmup_factor to lr.
+    warmup_iters: int = 250
+    warmup_factor: float = 0.001
+    grad_clip_norm: float | None = None
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 0  # Ray Train FailureConfig: worker failures to recover from
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "detexp"
+    run_name: str | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # null = start a local Ray; "auto" or "ray://host:10001" to connect
+    verbose: bool = False  # show Ray's own logs (workers, controller) for debugging
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0
+    resume: bool = False
+    checkpoints_to_keep: int = 2
+
+
+@dataclass
+class SynthCommandConfig:
+    """`detexp data synth`: write the shapes dataset wherever the user asks."""
+
+    out: str = MISSING
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="synth_schema", node=SynthCommandConfig)

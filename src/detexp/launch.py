@@ -1,0 +1,159 @@
+"""Ray plumbing on the driver: start or join a cluster quietly, refuse impossible
+resource requests, and run the TorchTrainer while streaming per-epoch results back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import DataConfig, UserCallback
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
+
+from detexp.errors import ResourceError
+from detexp.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# Logical CPUs a local Ray keeps beyond the train workers, so that the Ray Data tasks
+# that decode images always get scheduled (with none left, the pipeline would stall).
+DATA_CPUS = 1
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Keep Ray's internals out of the user's console unless asked for."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.util"):
+        logging.getLogger(name).setLevel(level)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    ray.data.DataContext.get_current().print_on_execution_start = verbose
+
+
+def init_ray(address: str | None, verbose: bool = False) -> None:
+    """Join the cluster at ``address``, or start a local one on this machine.
+
+    A local Ray gets the machine's cores, and never fewer logical CPUs than the train
+    workers need plus :data:`DATA_CPUS` for the data pipeline.
+    """
+    quiet_ray(verbose)
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "configure_logging": True,
+        "include_dashboard": False,
+    }
+    if address is None:
+        kwargs["num_cpus"] = (os.cpu_count() or 1) + DATA_CPUS
+    else:
+        kwargs["address"] = address
+    ray.init(**kwargs)
+
+
+def check_resources(scaling: Any) -> None:
+    """Fail at once, saying what was asked and what the cluster has, where Ray would
+    otherwise wait forever for resources that will never come."""
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    need_cpus = scaling.num_workers * scaling.cpus_per_worker + DATA_CPUS
+    asked = (
+        f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
+        f"{scaling.cpus_per_worker} CPUs (+{DATA_CPUS} for data loading)"
+    )
+    if need_cpus > cpus:
+        raise ResourceError(
+            f"asked for {asked} = {need_cpus} CPUs, but the Ray cluster has {cpus:g} CPUs; "
+            "lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if scaling.use_gpu and scaling.num_workers > gpus:
+        raise ResourceError(
+            f"asked for scaling.num_workers={scaling.num_workers} GPU workers, but the Ray "
+            f"cluster has {gpus:g} GPUs; lower scaling.num_workers or set scaling.use_gpu=false"
+        )
+
+
+class _ValidationNotDropped(DataConfig):
+    """Train shards are equal, since DDP needs the same number of steps on every worker;
+    val shards are not, so that no image is dropped from the metrics."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        splits = {k: v for k, v in datasets.items() if k != "val"}
+        output = super().configure(splits, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"]
+            for rank, it in enumerate(val.streaming_split(world_size, equal=False)):
+                output[rank]["val"] = it
+        return output
+
+
+class _Forward(UserCallback):
+    """Runs in the Ray Train controller: hands each epoch's report to the driver."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        path = checkpoint.path if checkpoint is not None else None
+        self.queue.put({"metrics": metrics[0], "checkpoint": path})
+
+
+def fit(
+    train_loop_config: dict[str, Any],
+    datasets: dict[str, ray.data.Dataset],
+    scaling: Any,
+    storage_path: str,
+    name: str,
+    keep: int,
+    on_report: Callable[[dict[str, Any], str | None], None],
+) -> ray.train.Result:
+    """Run the TorchTrainer; ``on_report(metrics, checkpoint_path)`` is called on the
+    driver for every epoch, as it finishes. Re-using ``storage_path`` and ``name``
+    resumes from the last checkpoint of that run."""
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not (stop.is_set() and queue.empty()):
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            try:
+                on_report(item["metrics"], item["checkpoint"])
+            except Exception:  # noqa: BLE001 - a logging failure must not kill training
+                log.exception("could not record epoch results")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=train_loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            callbacks=[_Forward(queue)],
+        ),
+        datasets=datasets,
+        dataset_config=_ValidationNotDropped(datasets_to_split=["train"]),
+    )
+    thread = threading.Thread(target=pump, name="detexp-progress", daemon=True)
+    thread.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        ray.kill(queue.actor)

@@ -1,0 +1,390 @@
+"""Detection metrics: COCO-style mAP and Pascal VOC devkit mAP, overall and per class.
+
+`DetectionEvaluator` collects per-image detections and ground truth (small numpy arrays, never
+images) and reports:
+
+- ``map``, ``map_50``, ``map_75``, ``map_small``, ``map_medium``, ``map_large``: COCO-style,
+  computed by ``torchmetrics.detection.MeanAveragePrecision`` (faster_coco_eval backend), with
+  torchmetrics semantics: -1 where undefined, at most 100 detections per image and class, boxes
+  in continuous coordinates. VOC ``difficult`` objects are passed as COCO ``iscrowd``, so
+  detections on them are ignored rather than counted as false positives.
+- ``voc07_map`` (11-point interpolated AP) and ``voc12_map`` (area under the monotone PR curve),
+  both at IoU 0.5 following the official VOC devkit: difficult objects are ignored, IoU uses
+  the devkit's +1 pixel convention, a match needs IoU strictly greater than the threshold,
+  duplicates are false positives and every detection counts (no per-image cap).
+- ``per_class``: each class's ``ap``, ``ap_50``, ``voc07_ap``, ``voc12_ap``, ``num_gt``
+  (non-difficult objects) and ``num_det``.
+
+The VOC mean is taken over classes with at least one non-difficult object. A class without any
+has AP NaN and is left out of the mean (the devkit would divide by zero there); a class with
+objects but no detections has AP 0 and pulls the mean down.
+
+Plain numpy/torch: no Ray, Hydra or MLflow here, so the engine and tests can use it directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+
+# The thresholds pycocotools uses (float64 linspace), see _coco_metrics.
+_COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
+_COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
+
+# Exactly k/10. voc_eval.py's np.arange(0, 1.1, 0.1) makes the 0.3 threshold 0.30000000000000004,
+# so a recall of exactly 3/10 would miss it; the devkit means "recall >= 0.3".
+_VOC07_RECALL_POINTS = np.arange(11) / 10.0
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
+    """VOC devkit AP of one class from its cumulative recall/precision (detections by score).
+
+    ``use_07_metric=True``: VOC2007 11-point interpolation, the mean over t in {0, 0.1, ..., 1}
+    of the best precision at recall >= t. Otherwise (VOC2010+, "voc12"): the area under the
+    PR curve after making precision monotone (the maximum of everything to its right).
+    Empty arrays give 0.
+    """
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    if use_07_metric:
+        total = 0.0
+        for threshold in _VOC07_RECALL_POINTS:
+            reached = recall >= threshold
+            total += precision[reached].max() if reached.any() else 0.0
+        return float(total / len(_VOC07_RECALL_POINTS))
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def _voc_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU [len(a), len(b)] with the devkit's inclusive pixels (width = xmax - xmin + 1)."""
+    a = boxes_a[:, None, :]
+    b = boxes_b[None, :, :]
+    inter_w = np.clip(
+        np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0, None
+    )
+    inter_h = np.clip(
+        np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1, 0, None
+    )
+    inter = inter_w * inter_h
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    return inter / (area_a + area_b - inter)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the evaluator keeps of one image. Labels are 1..C (0 is background)."""
+
+    image_id: str | None
+    det_boxes: np.ndarray  # float64 [N, 4] xmin, ymin, xmax, ymax
+    det_scores: np.ndarray  # float64 [N]
+    det_labels: np.ndarray  # int64 [N]
+    gt_boxes: np.ndarray  # float64 [M, 4]
+    gt_labels: np.ndarray  # int64 [M]
+    gt_difficult: np.ndarray  # bool [M]
+
+
+@dataclass(frozen=True)
+class _ClassMatches:
+    """VOC matching of one class: detections by descending score, ignored ones removed."""
+
+    is_tp: np.ndarray  # bool, one per counted detection
+    num_gt: int  # non-difficult objects
+    num_det: int  # all detections of the class, ignored ones included
+
+    def pr_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.num_gt == 0:
+            return np.zeros(0), np.zeros(0)
+        tp = np.cumsum(self.is_tp)
+        fp = np.cumsum(~self.is_tp)
+        return tp / self.num_gt, tp / (tp + fp)
+
+    def ap(self, use_07_metric: bool) -> float:
+        if self.num_gt == 0:
+            return math.nan
+        return voc_ap(*self.pr_curve(), use_07_metric=use_07_metric)
+
+
+def _to_numpy(value: Any, dtype: type, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: cannot convert to {np.dtype(dtype)} array: {err}") from err
+
+
+def _boxes(value: Any, name: str) -> np.ndarray:
+    boxes = _to_numpy(value, np.float64, name)
+    if boxes.size == 0:
+        return boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
+    return boxes
+
+
+def _image_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    return str(value)
+
+
+class DetectionEvaluator:
+    """Accumulates detections and ground truth image by image; `compute` reports the metrics.
+
+    Usage: ``update(predictions, targets)`` per batch, then ``compute()``. In distributed
+    evaluation each worker calls ``state()``, the records are gathered (they are picklable) and
+    one process calls ``merge(state)`` for each other worker before ``compute()``.
+    Each image must be evaluated once: a repeated ``image_id`` raises ``ValueError``.
+    """
+
+    def __init__(self, class_names: Sequence[str], iou_threshold: float = 0.5):
+        if not class_names:
+            raise ValueError("class_names is empty")
+        self.class_names = list(class_names)
+        self.iou_threshold = float(iou_threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        self._records: list[ImageRecord] = []
+        self._seen_ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def update(self, predictions: Sequence[Mapping], targets: Sequence[Mapping]) -> None:
+        """Add one batch: ``predictions[i]`` and ``targets[i]`` describe the same image.
+
+        predictions[i]: ``boxes`` [N, 4] xmin, ymin, xmax, ymax in VOC pixel coordinates,
+        ``scores`` [N], ``labels`` [N] in 1..C. targets[i]: ``boxes`` [M, 4], ``labels`` [M],
+        ``difficult`` [M] (optional, default all False), ``image_id`` (optional). Numpy arrays
+        or CPU/GPU torch tensors.
+        """
+        if len(predictions) != len(targets):
+            raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+        records = [
+            self._record(pred, target) for pred, target in zip(predictions, targets, strict=True)
+        ]
+        self._add(records)
+
+    def state(self) -> list[ImageRecord]:
+        """The per-image records so far, picklable, for gathering from other processes."""
+        return list(self._records)
+
+    def merge(self, state: Sequence[ImageRecord]) -> None:
+        """Add records gathered from another evaluator (its ``state()``)."""
+        self._add(list(state))
+
+    def compute(self) -> dict:
+        """All metrics as plain Python floats/ints; see the module docstring for the keys."""
+        coco, coco_per_class = self._coco_metrics()
+        matches = self._voc_matches()
+        per_class = {}
+        for label, name in enumerate(self.class_names, start=1):
+            match = matches[name]
+            ap, ap_50 = coco_per_class.get(label, (-1.0, -1.0))
+            per_class[name] = {
+                "ap": ap,
+                "ap_50": ap_50,
+                "voc07_ap": match.ap(use_07_metric=True),
+                "voc12_ap": match.ap(use_07_metric=False),
+                "num_gt": match.num_gt,
+                "num_det": match.num_det,
+            }
+        return {
+            **coco,
+            "voc07_map": _mean_defined([c["voc07_ap"] for c in per_class.values()]),
+            "voc12_map": _mean_defined([c["voc12_ap"] for c in per_class.values()]),
+            "per_class": per_class,
+        }
+
+    def pr_curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Class name -> (recall, precision) under the VOC rules at ``iou_threshold``.
+
+        Points follow the detections in descending score order; both arrays are empty for a
+        class without non-difficult objects or without counted detections.
+        """
+        return {name: match.pr_curve() for name, match in self._voc_matches().items()}
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _record(self, pred: Mapping, target: Mapping) -> ImageRecord:
+        det_boxes = _boxes(pred["boxes"], "predictions.boxes")
+        det_scores = _to_numpy(pred["scores"], np.float64, "predictions.scores").reshape(-1)
+        det_labels = _to_numpy(pred["labels"], np.int64, "predictions.labels").reshape(-1)
+        gt_boxes = _boxes(target["boxes"], "targets.boxes")
+        gt_labels = _to_numpy(target["labels"], np.int64, "targets.labels").reshape(-1)
+        difficult = target.get("difficult")
+        if difficult is None:
+            gt_difficult = np.zeros(len(gt_labels), dtype=bool)
+        else:
+            gt_difficult = _to_numpy(difficult, bool, "targets.difficult").reshape(-1)
+        image_id = _image_id(target.get("image_id"))
+        where = f"image {image_id}" if image_id is not None else f"image #{len(self._records)}"
+        if not len(det_boxes) == len(det_scores) == len(det_labels):
+            raise ValueError(
+                f"{where}: {len(det_boxes)} boxes, {len(det_scores)} scores, "
+                f"{len(det_labels)} labels in predictions"
+            )
+        if not len(gt_boxes) == len(gt_labels) == len(gt_difficult):
+            raise ValueError(
+                f"{where}: {len(gt_boxes)} boxes, {len(gt_labels)} labels, "
+                f"{len(gt_difficult)} difficult flags in targets"
+            )
+        num_classes = len(self.class_names)
+        for kind, labels in (("predictions", det_labels), ("targets", gt_labels)):
+            bad = labels[(labels < 1) | (labels > num_classes)]
+            if bad.size:
+                raise ValueError(
+                    f"{where}: {kind} label {int(bad[0])} outside 1..{num_classes} "
+                    "(labels count from 1; 0 is background)"
+                )
+        return ImageRecord(
+            image_id, det_boxes, det_scores, det_labels, gt_boxes, gt_labels, gt_difficult
+        )
+
+    def _add(self, records: list[ImageRecord]) -> None:
+        # Check the whole batch first so a failed call leaves the evaluator unchanged.
+        ids = [r.image_id for r in records if r.image_id is not None]
+        repeated = (set(ids) & self._seen_ids) or {i for i in ids if ids.count(i) > 1}
+        if repeated:
+            # A distributed sampler that pads its shards repeats images; counting them twice
+            # would silently skew every AP.
+            raise ValueError(f"image(s) evaluated twice: {sorted(repeated)[:5]}")
+        self._seen_ids.update(ids)
+        self._records.extend(records)
+
+    def _voc_matches(self) -> dict[str, _ClassMatches]:
+        return {
+            name: _match_class(self._records, label, self.iou_threshold)
+            for label, name in enumerate(self.class_names, start=1)
+        }
+
+    def _coco_metrics(self) -> tuple[dict[str, float], dict[int, tuple[float, float]]]:
+        """Overall COCO-style numbers and {label: (ap, ap_50)} from torchmetrics."""
+        has_labels = any(len(r.det_labels) or len(r.gt_labels) for r in self._records)
+        if not has_labels:
+            # torchmetrics has nothing to evaluate (and chokes on zero categories).
+            return dict.fromkeys(COCO_KEYS, -1.0), {}
+        # Imported here: it is heavy, and only compute() needs it.
+        from torchmetrics.detection import MeanAveragePrecision
+
+        metric = MeanAveragePrecision(
+            iou_type="bbox",
+            backend="faster_coco_eval",
+            # COCO's own thresholds. torchmetrics' defaults come from a float32 torch.linspace
+            # (0.3 becomes 0.30000001), so a recall landing exactly on a hundredth, common with
+            # few objects, misses its recall point: map_50 then differs from pycocotools by up
+            # to a few 1e-3.
+            iou_thresholds=_COCO_IOU_THRESHOLDS,
+            rec_thresholds=_COCO_RECALL_THRESHOLDS,
+            class_metrics=True,
+            extended_summary=True,  # gives the precision array that per-class ap_50 comes from
+            # The records are already gathered; syncing here would hang a torch.distributed
+            # job in which only one rank computes.
+            sync_on_compute=False,
+        )
+        metric.update(
+            [
+                {
+                    "boxes": torch.from_numpy(r.det_boxes),
+                    "scores": torch.from_numpy(r.det_scores),
+                    "labels": torch.from_numpy(r.det_labels),
+                }
+                for r in self._records
+            ],
+            [
+                {
+                    "boxes": torch.from_numpy(r.gt_boxes),
+                    "labels": torch.from_numpy(r.gt_labels),
+                    "iscrowd": torch.from_numpy(r.gt_difficult.astype(np.int64)),
+                }
+                for r in self._records
+            ],
+        )
+        result = metric.compute()
+        overall = {key: float(result[key]) for key in COCO_KEYS}
+        classes = result["classes"].reshape(-1).tolist()
+        ap_per_class = result["map_per_class"].reshape(-1).tolist()
+        # precision: [iou thresholds, recall points, classes (sorted ids), areas, max dets];
+        # IoU 0.5 is the first threshold, area "all" the first range, 100 dets the last.
+        precision = result["precision"][0, :, :, 0, -1]
+        per_class = {}
+        for k, (label, ap) in enumerate(zip(classes, ap_per_class, strict=True)):
+            curve = precision[:, k]
+            defined = curve[curve > -1]
+            ap_50 = float(defined.mean()) if defined.numel() else -1.0
+            per_class[int(label)] = (float(ap), ap_50)
+        return overall, per_class
+
+
+def _match_class(records: Sequence[ImageRecord], label: int, iou_threshold: float) -> _ClassMatches:
+    """VOC devkit matching for one class over the whole split.
+
+    Each detection's candidate is the same-image object of its class with the highest IoU;
+    which object that is does not depend on the ranking, so it is found image by image. Going
+    down the global ranking, the first detection to hit a non-difficult object above the
+    threshold is a TP, later hits on it are duplicates (FP), hits on difficult objects are
+    ignored, and misses are FP.
+    """
+    scores, best_iou, best_gt = [], [], []
+    difficult = []  # of every object of the class, indexed by global object id
+    num_det = 0
+    gt_offset = 0
+    for record in records:
+        det_mask = record.det_labels == label
+        gt_mask = record.gt_labels == label
+        det_boxes = record.det_boxes[det_mask]
+        gt_boxes = record.gt_boxes[gt_mask]
+        num_det += len(det_boxes)
+        if len(det_boxes):
+            scores.append(record.det_scores[det_mask])
+            if len(gt_boxes):
+                iou = _voc_iou(det_boxes, gt_boxes)
+                nearest = iou.argmax(axis=1)  # first of equal maxima, as the devkit's max()
+                best_gt.append(nearest + gt_offset)
+                best_iou.append(iou[np.arange(len(det_boxes)), nearest])
+            else:
+                best_gt.append(np.zeros(len(det_boxes), dtype=np.int64))
+                best_iou.append(np.full(len(det_boxes), -np.inf))
+        difficult.append(record.gt_difficult[gt_mask])
+        gt_offset += len(gt_boxes)
+
+    gt_difficult = np.concatenate(difficult) if difficult else np.zeros(0, dtype=bool)
+    num_gt = int((~gt_difficult).sum())
+    if num_det == 0:
+        return _ClassMatches(np.zeros(0, dtype=bool), num_gt, 0)
+
+    # Stable sort: detections with equal scores keep their input order.
+    order = np.argsort(-np.concatenate(scores), kind="stable")
+    best_iou = np.concatenate(best_iou)[order]
+    best_gt = np.concatenate(best_gt)[order]
+
+    hit = best_iou > iou_threshold  # strictly greater, as the devkit's ovmax > ovthresh
+    on_difficult = np.zeros_like(hit)
+    on_difficult[hit] = gt_difficult[best_gt[hit]]
+    candidate = hit & ~on_difficult
+    is_tp = np.zeros_like(hit)
+    # np.unique's return_index gives the first position of each object id: its best-ranked hit.
+    _, first = np.unique(np.where(candidate, best_gt, -1), return_index=True)
+    is_tp[first] = True
+    is_tp &= candidate
+    return _ClassMatches(is_tp[~on_difficult], num_gt, num_det)
+
+
+def _mean_defined(values: Sequence[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan

@@ -1,0 +1,112 @@
+"""Detector construction over torchvision's Faster R-CNN builders.
+
+``build_detector(cfg, num_classes)`` maps ``model.name`` to a builder and
+``model.weights`` / ``model.weights_backbone`` to torchvision's weight enums. With COCO
+weights the builder must keep its 91-class head, so the box predictor is replaced by a
+fresh one for ``num_classes`` afterwards: the usual fine-tuning recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
+from torchvision.models import detection as tvd
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+from detexp.errors import ConfigError
+
+# name -> (builder, detector weight enum, backbone weight enum)
+BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
+    "fasterrcnn_resnet50_fpn": (
+        tvd.fasterrcnn_resnet50_fpn, tvd.FasterRCNN_ResNet50_FPN_Weights, ResNet50_Weights,
+    ),
+    "fasterrcnn_resnet50_fpn_v2": (
+        tvd.fasterrcnn_resnet50_fpn_v2, tvd.FasterRCNN_ResNet50_FPN_V2_Weights, ResNet50_Weights,
+    ),
+    "fasterrcnn_mobilenet_v3_large_fpn": (
+        tvd.fasterrcnn_mobilenet_v3_large_fpn,
+        tvd.FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+        MobileNet_V3_Large_Weights,
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        tvd.fasterrcnn_mobilenet_v3_large_320_fpn,
+        tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+        MobileNet_V3_Large_Weights,
+    ),
+}
+
+
+def _weight(enum: Any, name: str | None, key: str) -> Any:
+    if name is None:
+        return None
+    member = name.rsplit(".", 1)[-1]  # accept "COCO_V1" and "FasterRCNN_..._Weights.COCO_V1"
+    try:
+        return enum[member]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *enum.__members__])
+        raise ConfigError(f"{key}={name!r} is not a weight of {enum.__name__}; choose one of: {choices}") from None
+
+
+def check_model_config(cfg: Any) -> None:
+    """Fail on an unknown model name or weight before any work starts."""
+    if cfg.name not in BUILDERS:
+        raise ConfigError(f"model.name={cfg.name!r} is unknown; choose one of: {', '.join(BUILDERS)}")
+    _, weights_enum, backbone_enum = BUILDERS[cfg.name]
+    _weight(weights_enum, cfg.weights, "model.weights")
+    _weight(backbone_enum, cfg.weights_backbone, "model.weights_backbone")
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
+        raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: no such file")
+
+
+def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
+    """A Faster R-CNN for ``num_classes`` (background included) as ``cfg`` describes.
+
+    Weights are read from the TORCH_HOME cache (torchvision downloads them when missing,
+    which needs network access). ``cfg.checkpoint`` then overrides them with a saved
+    detexp checkpoint or plain state dict of the same architecture and class count.
+    """
+    check_model_config(cfg)
+    builder, weights_enum, backbone_enum = BUILDERS[cfg.name]
+    weights = _weight(weights_enum, cfg.weights, "model.weights")
+    kwargs: dict[str, Any] = {
+        "weights": weights,
+        "weights_backbone": _weight(backbone_enum, cfg.weights_backbone, "model.weights_backbone"),
+        "min_size": cfg.min_size,
+        "max_size": cfg.max_size,
+        "box_batch_size_per_image": cfg.box_batch_size_per_image,
+    }
+    if cfg.trainable_backbone_layers is not None:
+        kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
+    if weights is None:
+        kwargs["num_classes"] = num_classes
+    model = builder(progress=False, **kwargs)
+    if weights is not None and len(weights.meta["categories"]) != num_classes:
+        in_features = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    if cfg.checkpoint is not None:
+        model.load_state_dict(load_model_state(cfg.checkpoint, num_classes))
+    return model
+
+
+def load_model_state(path: str | Path, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """The model state dict inside a detexp checkpoint file (or a plain state dict file),
+    loaded with ``weights_only=True``; a class-count mismatch is reported plainly."""
+    path = Path(path).expanduser()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise ConfigError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or "roi_heads.box_predictor.cls_score.weight" not in state:
+        raise ConfigError(f"{path}: not a detexp checkpoint or Faster R-CNN state dict")
+    found = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+    if num_classes is not None and found != num_classes:
+        raise ConfigError(
+            f"{path}: the checkpoint predicts {found - 1} classes + background, "
+            f"the dataset has {num_classes - 1}"
+        )
+    return state

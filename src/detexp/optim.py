@@ -1,0 +1,65 @@
+"""Optimizer, warm-up and learning-rate schedule.
+
+The default recipe follows torchvision's detection references (and the Ray tutorial):
+SGD with momentum, a linear warm-up over the first ``warmup_iters`` steps of epoch 0,
+then MultiStepLR stepped once per epoch. torchvision's references scale lr linearly with
+the total batch size (0.02 for 16 images); with ``num_workers * batch_size`` images per
+step, scale ``optimizer.lr`` accordingly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from detexp.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("multistep", "cosine")
+
+
+def check_optim_config(optimizer: Any, schedule: Any) -> None:
+    if optimizer.name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={optimizer.name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    if schedule.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={schedule.name!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
+    if optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr={optimizer.lr} must be positive")
+    if schedule.epochs < 1:
+        raise ConfigError(f"schedule.epochs={schedule.epochs} must be at least 1")
+    if list(schedule.lr_steps) != sorted(schedule.lr_steps):
+        raise ConfigError(f"schedule.lr_steps={list(schedule.lr_steps)} must be increasing")
+    if not 0 < schedule.warmup_factor <= 1:
+        raise ConfigError(f"schedule.warmup_factor={schedule.warmup_factor} must be in (0, 1]")
+
+
+def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer.name={cfg.name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch schedule (stepped once at the end of every epoch)."""
+    if cfg.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
+    if cfg.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    raise ConfigError(f"schedule.name={cfg.name!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
+
+
+def build_warmup(cfg: Any, optimizer: torch.optim.Optimizer, steps_in_epoch: int | None):
+    """Linear warm-up for epoch 0, stepped every iteration; None when disabled.
+
+    Like torchvision's references it never outlasts the first epoch, so a short epoch
+    ends warm-up early rather than dragging it into epoch 1.
+    """
+    iters = cfg.warmup_iters if steps_in_epoch is None else min(cfg.warmup_iters, steps_in_epoch - 1)
+    if iters <= 0:
+        return None
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=cfg.warmup_factor, total_iters=iters)

@@ -1,0 +1,142 @@
+"""MLflow tracking: the only module that imports mlflow. Runs on the driver only.
+
+A relative SQLite URI (the default ``sqlite:///mlflow.db``) is made absolute against the
+directory the command was started from, so every process and the printed ``mlflow ui``
+command point at the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from detexp.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+# MLflow caps a param value at 6000 characters; longer values are truncated, with a mark.
+_PARAM_MAX = 6000
+
+
+def resolve_uri(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    if "://" not in uri:  # a plain folder: MLflow's file store
+        return str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Refuse an HTTP tracking server that does not answer, before any training starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 - the user's own server
+    except urllib.error.HTTPError:
+        return  # it answered (some servers have no /health); that is enough
+    except (OSError, ValueError) as exc:
+        raise TrackingError(
+            f"tracking.uri={uri} does not answer ({getattr(exc, 'reason', exc)}); "
+            "start the server or pick another tracking.uri"
+        ) from None
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer": {"lr": 0.02}}`` -> ``{"optimizer.lr": 0.02}``; lists stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class Tracker:
+    """One MLflow run: params from the resolved config, per-epoch metrics, artifacts."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = resolve_uri(uri)
+        check_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id: str | None = None
+
+    def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+        flat = {k: _param(v) for k, v in flatten(params).items()}
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        return self.run_id
+
+    def resume(self, run_id: str) -> str:
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        return run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        items = [
+            Metric(k, float(v), int(time.time() * 1000), step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def ui_command(self) -> str:
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri}"
+        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
+
+
+def _param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
+
+
+def default_tags(command: str, overrides: list[str]) -> dict[str, str]:
+    tags = {"detexp.command": command, "detexp.overrides": " ".join(overrides) or "(none)"}
+    commit = git_commit(os.getcwd())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags

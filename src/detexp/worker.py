@@ -1,0 +1,137 @@
+"""``train_loop_per_worker``: the only module that talks to ``ray.train``.
+
+Every Ray Train worker runs :func:`train_loop_per_worker` with a plain dict (the resolved
+config). It reads its own shard of the train and val datasets, trains with DDP when there
+are several workers, validates every epoch, and reports once per epoch with a checkpoint
+(rank 0 writes it) holding the unwrapped model, optimizer, lr_scheduler, config and epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from detexp.data.pipeline import batch_to_tensors
+from detexp.engine import predict, train_one_epoch
+from detexp.metrics import DetectionEvaluator
+from detexp.models import build_detector
+from detexp.optim import build_optimizer, build_scheduler, build_warmup
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """``config``: ``{"cfg": resolved TrainConfig as a dict, "steps_per_epoch": int}``."""
+    cfg = OmegaConf.create(config["cfg"])
+    classes = list(cfg.dataset.classes)
+    num_classes = len(classes) + 1
+    torch.manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
+    device = ray.train.torch.get_device()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:  # Ray sets it to the worker's CPU share; make torch honour it
+        torch.set_num_threads(int(threads))
+
+    model = build_detector(cfg.model, num_classes)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    scheduler = build_scheduler(cfg.schedule, optimizer)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        start_epoch = state["epoch"] + 1
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    steps_per_epoch = config.get("steps_per_epoch")
+
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
+        batches = _batches(train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch)
+        # A NonFiniteLossError propagates: Ray Train stops every worker, the last good
+        # checkpoint stays, and the driver turns the error into one line.
+        stats = train_one_epoch(
+            model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm
+        )
+        scheduler.step()
+
+        val_start = time.perf_counter()
+        val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes)
+        metrics = {
+            "epoch": epoch,
+            "train/loss": stats.losses.get("loss", float("nan")),
+            **{f"train/{k}": v for k, v in stats.losses.items() if k != "loss"},
+            "train/lr": stats.lr,
+            "train/steps": stats.steps * _world_size(),
+            "train/steps_per_s": stats.steps_per_second,
+            "train/epoch_s": stats.seconds,
+            "val/epoch_s": time.perf_counter() - val_start,
+            **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
+        }
+        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP (which ``prepare_model`` applies only with >1 worker)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _world_size() -> int:
+    return ray.train.get_context().get_world_size()
+
+
+def _batches(shard, batch_size: int, device, shuffle: bool, seed: int = 0):
+    kwargs = {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed} if shuffle else {}
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **kwargs):
+        yield batch_to_tensors(batch, device)
+
+
+def _validate(model, shard, batch_size, device, classes) -> dict[str, Any]:
+    """Predict this worker's val shard, gather the per-image records on every rank and
+    compute the metrics (identical on all ranks; only rank 0's are logged)."""
+    evaluator = DetectionEvaluator(classes)
+    net = unwrap(model)
+    for images, targets in _batches(shard, batch_size, device, shuffle=False):
+        evaluator.update(predict(net, images), targets)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, evaluator.state())
+        evaluator.reset()
+        for state in gathered:
+            evaluator.merge(state)
+    return evaluator.compute()
+
+
+def _report(metrics, model, optimizer, scheduler, config, epoch) -> None:
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "config": config,
+                "epoch": epoch,
+                "classes": list(config["dataset"]["classes"]),
+            },
+            Path(tmp) / CHECKPOINT_FILE,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

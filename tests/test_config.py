@@ -1,0 +1,83 @@
+"""Composition: every experiment config composes, typos fail fast naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import compose_train
+from detexp.commands import check_train_config
+from detexp.errors import ConfigError
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+
+
+def test_there_are_experiments():
+    assert {"smoke", "voc_tutorial"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose_train([f"+experiment={name}"])
+    check_train_config(cfg)
+
+
+def test_voc_tutorial_is_the_tutorial_recipe():
+    cfg = compose_train(["+experiment=voc_tutorial"])
+    assert cfg.model.name == "fasterrcnn_resnet50_fpn"
+    assert len(cfg.dataset.classes) == 20 and cfg.dataset.classes[0] == "aeroplane"
+    assert cfg.dataset.batch_size == 2
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+        "sgd", 0.02, 0.9, 1e-4,
+    )
+    assert (cfg.schedule.warmup_iters, cfg.schedule.warmup_factor) == (250, 0.001)
+    assert list(cfg.schedule.lr_steps) == [16, 22] and cfg.schedule.lr_gamma == 0.1
+    assert cfg.schedule.epochs == 26
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu) == (8, True)
+
+
+def test_misspelt_key_is_rejected_by_name():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(["optimizer.lrr=0.1"])
+    assert "lrr" in str(info.value.__cause__ or info.value)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as info:
+        compose_train(["schedule.epochs=ten"])
+    assert "epochs" in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.name=yolo", "model.name"),
+        ("model.weights=IMAGENET_V9", "model.weights"),
+        ("optimizer.name=lion", "optimizer.name"),
+        ("schedule.lr_steps=[8,4]", "schedule.lr_steps"),
+        ("dataset.on_error=ignore", "dataset.on_error"),
+    ],
+)
+def test_impossible_values_name_the_key(override, key):
+    cfg = compose_train([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_train_config(cfg)
+
+
+def test_command_line_typo_fails_in_seconds_without_traceback(tmp_path):
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "detexp", "train", "optimizer.lrr=0.1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode != 0
+    assert "lrr" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
+    assert time.perf_counter() - started < 20
+    assert not (tmp_path / "mlflow.db").exists()  # failed before anything started
