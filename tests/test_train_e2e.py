@@ -3,6 +3,10 @@ SQLite store: what a user sees after ``python -m detexp train +experiment=smoke`
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -14,7 +18,7 @@ def _history(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1])
 def test_smoke_run_logs_everything(ray_cluster, smoke_cfg, tmp_path, workers):
     cfg = smoke_cfg(f"scaling.num_workers={workers}")
     result = train(cfg, tmp_path / "run", overrides=[f"scaling.num_workers={workers}"])
@@ -44,3 +48,24 @@ def test_smoke_run_logs_everything(ray_cluster, smoke_cfg, tmp_path, workers):
     assert {"model", "optimizer", "lr_scheduler", "config", "epoch"} <= ckpt.keys()
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["scaling"]["num_workers"] == workers
+
+
+def test_cli_two_workers_prints_progress_not_ray_internals(tmp_path, shapes_cache):
+    """``python -m detexp train +experiment=smoke scaling.num_workers=2`` as a user types it."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "detexp", "train", "+experiment=smoke", "scaling.num_workers=2",
+            f"dataset.cache_dir={shapes_cache}", "hydra.run.dir=run",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert re.search(r"^epoch 1/2 .*steps/s.*val map .*ETA", text, re.M), text
+    assert re.search(r"^epoch 2/2 ", text, re.M)
+    for noise in ("PlacementGroupCleaner", "State API", "Traceback", "RayTrainWorker pid=", "TrainController pid="):
+        assert noise not in text, noise
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in text
+    assert len(text.splitlines()) < 40, text  # a screenful, not Ray's internals
+    assert (tmp_path / "run" / "model_final.pt").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()

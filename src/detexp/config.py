@@ -116,6 +116,40 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`detexp eval checkpoint=PATH`: metrics of a trained checkpoint on a dataset split.
+
+    ``model`` and ``dataset`` start from the checkpoint's own config; only the keys given
+    on the command line replace them (see detexp.evaluate)."""
+
+    checkpoint: str | None = None  # a model_final.pt / checkpoint.pt, or a train run dir
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    batch_size: int = 4  # images per inference call on each actor
+    # Boxes drawn on the image grid. The metrics and predictions.jsonl use every detection.
+    score_threshold: float = 0.5
+    grid_images: int = 8  # val images drawn into predictions_grid.jpg (0 = none)
+
+
+@dataclass
+class PredictConfig:
+    """`detexp predict checkpoint=PATH input=DIR_OR_IMAGE`: draw and list detections."""
+
+    checkpoint: str | None = None
+    input: str | None = None  # an image file, or a folder searched recursively for images
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # only dataset.classes is used
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    batch_size: int = 4
+    score_threshold: float = 0.5  # detections below it are neither drawn nor written
+
+
+@dataclass
 class SynthCommandConfig:
     """`detexp data synth`: write the shapes dataset wherever the user asks."""
 
@@ -127,3 +161,5 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="synth_schema", node=SynthCommandConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="predict_schema", node=PredictConfig)

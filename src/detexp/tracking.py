@@ -36,6 +36,14 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database file (MLflow would otherwise
+    use ./mlruns of whatever directory the command ran in); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
+    return None
+
+
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Refuse an HTTP tracking server that does not answer, before any training starts."""
     if not uri.startswith(("http://", "https://")):
@@ -80,9 +88,15 @@ class Tracker:
     def __init__(self, uri: str, experiment: str):
         self.uri = resolve_uri(uri)
         check_reachable(self.uri)
+        for name in ("mlflow", "alembic"):  # schema-migration chatter on a new store
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri))
+        )
         self.run_id: str | None = None
 
     def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
@@ -107,6 +121,10 @@ class Tracker:
         ]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which this run already has ``key`` (a resumed run skips them)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():

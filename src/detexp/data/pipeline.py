@@ -41,9 +41,10 @@ ANNOTATION_SCHEMA = pa.schema(
 
 
 class VOCAnnotationDatasource(Datasource):
-    """One row per image id: its boxes, labels and difficult flags, parsed by read tasks
-    on the cluster (not on the driver). Images whose annotation has an error get
-    ``ok=False`` and their problems, so the driver can count, list and skip them."""
+    """One row per image id: its boxes, labels and difficult flags, parsed and checked
+    (the image fully decoded) by read tasks on the cluster, not on the driver. Images
+    with an error get ``ok=False`` and their problems, so the driver can count, list and
+    skip them."""
 
     def __init__(self, root: str | Path, ids: Sequence[str], classes: Sequence[str]):
         super().__init__()
@@ -74,7 +75,9 @@ class VOCAnnotationDatasource(Datasource):
 def _read_annotations(root: str, ids: list[str], classes: tuple[str, ...]) -> pa.Table:
     columns: dict[str, list] = {name: [] for name in ANNOTATION_SCHEMA.names}
     for image_id in ids:
-        record, problems = parse_record(Path(root), image_id, classes)
+        # Decode every pixel here, once: a truncated JPEG must be skipped and counted now,
+        # not crash a worker mid-epoch (or, dropped there, leave DDP ranks uneven).
+        record, problems = parse_record(Path(root), image_id, classes, verify_image=True)
         columns["image_id"].append(image_id)
         columns["problems"].append(json.dumps([p.__dict__ for p in problems]))
         columns["ok"].append(record is not None)
@@ -114,7 +117,7 @@ def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Tabl
         batch.column("image_id").to_pylist(), batch.column("boxes").to_pylist(), strict=True
     ):
         with Image.open(image_path(Path(root), image_id)) as img:
-            pixels = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
         boxes = torch.tensor(flat_boxes, dtype=torch.float32).reshape(-1, 4)
         if flip is not None:
             pixels, boxes = _augment(flip, pixels, boxes)

@@ -1,0 +1,77 @@
+"""Model construction, including the path that loads torchvision weights for users who
+have them: exercised here with state dicts saved into a private TORCH_HOME cache, so
+nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
+from torchvision.models import detection as tvd
+
+from detexp.config import ModelConfig
+from detexp.errors import ConfigError
+from detexp.models import BUILDERS, build_detector, load_model_state
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def _cfg(**kw):
+    return OmegaConf.structured(ModelConfig(name=SMALL, min_size=128, max_size=128, **kw))
+
+
+def _cache(monkeypatch, tmp_path, weights, state):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    target = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_every_builder_gets_the_dataset_class_count(name):
+    cfg = OmegaConf.structured(ModelConfig(name=name, min_size=64, max_size=64))
+    model = build_detector(cfg, num_classes=5)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 5
+    assert model.transform.min_size == (64,)
+
+
+def test_coco_weights_from_the_cache_keep_the_backbone_and_get_a_new_head(monkeypatch, tmp_path):
+    weights = tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1
+    coco = tvd.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=91)
+    _cache(monkeypatch, tmp_path, weights, coco.state_dict())
+
+    model = build_detector(_cfg(weights="COCO_V1"), num_classes=4)
+
+    name, saved = next(iter(coco.backbone.state_dict().items()))
+    assert torch.equal(model.backbone.state_dict()[name], saved)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+
+
+def test_backbone_weights_from_the_cache(monkeypatch, tmp_path):
+    weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
+    net = mobilenet_v3_large()
+    _cache(monkeypatch, tmp_path, weights, net.state_dict())
+
+    model = build_detector(_cfg(weights_backbone="IMAGENET1K_V1"), num_classes=3)
+
+    first_conv = model.backbone.body["0"][0].weight
+    assert torch.equal(first_conv, net.features[0][0].weight)
+
+
+def test_checkpoint_start_and_class_count_mismatch(tmp_path):
+    model = build_detector(_cfg(), num_classes=3)
+    path = tmp_path / "mine.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)
+
+    again = build_detector(_cfg(checkpoint=str(path)), num_classes=3)
+    assert torch.equal(again.roi_heads.box_predictor.cls_score.weight, model.roi_heads.box_predictor.cls_score.weight)
+    with pytest.raises(ConfigError, match="2 classes \\+ background, the dataset has 4"):
+        load_model_state(path, num_classes=5)
+
+
+def test_not_a_checkpoint_is_named(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello")
+    with pytest.raises(ConfigError, match="notes.pt: not a PyTorch checkpoint"):
+        load_model_state(path)

@@ -1,0 +1,74 @@
+"""The Ray Data side of the reader: real JPEG and XML files, decoded in map_batches,
+boxes flipped with the pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detexp.data.pipeline import _read_annotations, batch_to_tensors, decode_batch, read_annotations, problems_of
+
+XML = """<annotation><folder>VOC</folder><filename>{filename}</filename>
+<size><width>{w}</width><height>{h}</height><depth>3</depth></size>
+<object><name>block</name><difficult>0</difficult>
+<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>
+</annotation>"""
+
+
+def _write_voc(root: Path, image_id: str, box=(11, 21, 40, 60), size=(120, 90), filename="wrong.png"):
+    """A black image with one white block at ``box`` (VOC 1-based inclusive coords)."""
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    w, h = size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0 - 1 : y1, x0 - 1 : x1] = 255
+    Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+    (root / "Annotations" / f"{image_id}.xml").write_text(
+        XML.format(filename=filename, w=w, h=h, x0=x0, y0=y0, x1=x1, y1=y1)
+    )
+
+
+def _mean_inside(image: torch.Tensor, box) -> float:
+    x0, y0, x1, y1 = (int(round(v)) for v in box.tolist())
+    return image[:, y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].mean().item()
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_flipped_box_still_covers_its_flipped_object(tmp_path, flip):
+    _write_voc(tmp_path, "a")
+    table = _read_annotations(str(tmp_path), ["a"], ("block",))
+    images, targets = batch_to_tensors(decode_batch(table, str(tmp_path), hflip_prob=flip))
+    image, box = images[0], targets[0]["boxes"][0]
+
+    assert _mean_inside(image, box) > 0.9  # the (flipped) box sits on the white block
+    if flip:
+        assert box[0].item() == pytest.approx(120 - 40) and box[2].item() == pytest.approx(120 - 11)
+        assert _mean_inside(image, torch.tensor([11.0, 21, 40, 60])) < 0.1  # the old place is dark
+
+
+def test_image_is_read_by_id_not_by_the_xml_filename(tmp_path):
+    # third-party exports often carry a <filename> that does not exist
+    _write_voc(tmp_path, "0007", filename="IMG_1234 (copy).PNG")
+    table = _read_annotations(str(tmp_path), ["0007"], ("block",))
+    images, targets = batch_to_tensors(decode_batch(table, str(tmp_path)))
+    assert images[0].shape == (3, 90, 120)
+    assert targets[0]["image_id"] == "0007" and targets[0]["labels"].tolist() == [1]
+
+
+def test_ray_datasource_reads_rows_and_reports_broken_ones(ray_cluster, tmp_path):
+    for i in range(5):
+        _write_voc(tmp_path, f"{i:03d}")
+    (tmp_path / "Annotations" / "003.xml").write_text("<annotation><object>")  # broken
+    ann = read_annotations(tmp_path, [f"{i:03d}" for i in range(5)], ["block"]).materialize()
+
+    rows = {r["image_id"]: r for r in ann.take_all()}
+    assert len(rows) == 5
+    assert [i for i, r in rows.items() if not r["ok"]] == ["003"]
+    assert list(rows["000"]["boxes"]) == [11.0, 21.0, 40.0, 60.0]
+    problems = problems_of(ann)
+    assert [(p.image_id, p.file, p.severity) for p in problems] == [("003", "Annotations/003.xml", "error")]
