@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from detexp.data.pipeline import _read_annotations, batch_to_tensors, decode_batch, read_annotations, problems_of
+from detexp.data.pipeline import (
+    _read_annotations,
+    batch_to_tensors,
+    decode_batch,
+    problems_of,
+    read_annotations,
+)
 
 XML = """<annotation><folder>VOC</folder><filename>{filename}</filename>
 <size><width>{w}</width><height>{h}</height><depth>3</depth></size>
