@@ -84,7 +84,7 @@ class DatasetError(ValueError):
 # --------------------------------------------------------------------------- paths and splits
 
 
-def _inside_root(root: Path, subdir: str, image_id: str, suffix: str) -> Path:
+def _inside_root(root: Path, subdir: str, image_id: str, suffix: str, what: str = "image id") -> Path:
     """``root/subdir/<image_id><suffix>``, or DatasetError if it lexically leaves ``root/subdir``.
 
     The check is lexical (normpath), not ``resolve()``: datasets are often
@@ -93,7 +93,7 @@ def _inside_root(root: Path, subdir: str, image_id: str, suffix: str) -> Path:
     reads outside the dataset.
     """
     if not isinstance(image_id, str) or not image_id.strip() or "\x00" in image_id:
-        raise DatasetError(f"invalid image id {image_id!r} in dataset {root}")
+        raise DatasetError(f"invalid {what} {image_id!r} in dataset {root}")
     base = os.path.normpath(os.path.join(root, subdir))
     path = os.path.normpath(os.path.join(base, image_id + suffix))
     try:
@@ -102,7 +102,7 @@ def _inside_root(root: Path, subdir: str, image_id: str, suffix: str) -> Path:
         inside = False
     if not inside:
         raise DatasetError(
-            f"image id {image_id!r} points outside {base}; ids must be plain file stems"
+            f"{what} {image_id!r} points outside {base}; {what}s must be plain file stems"
         )
     return Path(path)
 
@@ -139,7 +139,7 @@ def read_split_ids(root: Path, split: str) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
-    split_file = root / SPLITS_DIR / f"{split}.txt"
+    split_file = _inside_root(root, SPLITS_DIR, split, ".txt", what="split name")
     if not split_file.is_file():
         raise DatasetError(
             f"split file {SPLITS_DIR}/{split}.txt not found in {root}; {_describe_splits(root)}"
@@ -303,11 +303,12 @@ def _load_annotation(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _parse_difficult(node: object) -> bool | None:
-    """VOC writes 0/1; absent or empty means 0. None for anything else."""
+    """VOC writes 0/1, some export tools true/false; absent or empty means 0. None for
+    anything else."""
     text = _text(node)
-    if text is None or text == "" or text == "0":
+    if text is None or text.lower() in ("", "0", "false"):
         return False
-    if text == "1":
+    if text.lower() in ("1", "true"):
         return True
     return None
 
