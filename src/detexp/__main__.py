@@ -19,6 +19,8 @@ usage: python -m detexp <command> [overrides...]
 
 commands:
   train        train a detector (Ray Train), log to MLflow
+  eval         mAP, per-class AP, PR curves of a checkpoint: eval checkpoint=PATH [dataset.val_split=...]
+  predict      draw detections on images: predict checkpoint=PATH input=DIR_OR_IMAGE [score_threshold=0.5]
   data synth   write the generated shapes dataset: data synth out=DIR [synth.num_train=N ...]
   data check   scan a dataset's splits for broken annotations and images
 
@@ -30,6 +32,8 @@ Examples:
   python -m detexp train dataset=voc dataset.root=~/data/VOCdevkit/VOC2012 scaling.num_workers=8 scaling.use_gpu=true
   python -m detexp train -m optimizer.lr=0.01,0.02 schedule.lr_steps='[16,22]','[8,11]'
   python -m detexp data check dataset=voc dataset.root=~/data/VOCdevkit/VOC2012
+  python -m detexp eval checkpoint=runs/train/2024-01-01_12-00-00/model_final.pt
+  python -m detexp predict checkpoint=runs/train/2024-01-01_12-00-00 input=~/photos
 """
 
 log = logging.getLogger("detexp")
@@ -40,6 +44,20 @@ def _run_train(cfg: DictConfig) -> dict:
 
     hc = HydraConfig.get()
     return train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+
+
+def _run_eval(cfg: DictConfig) -> dict:
+    from detexp.evaluate import evaluate
+
+    hc = HydraConfig.get()
+    return evaluate(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+
+
+def _run_predict(cfg: DictConfig) -> dict:
+    from detexp.evaluate import predict
+
+    hc = HydraConfig.get()
+    return predict(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _run_data_check(cfg: DictConfig) -> int:
@@ -60,6 +78,8 @@ def _run_data_synth(cfg: DictConfig):
 # command words -> (config name, function of the composed config)
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[DictConfig], object]]] = {
     ("train",): ("train", _run_train),
+    ("eval",): ("eval", _run_eval),
+    ("predict",): ("predict", _run_predict),
     ("data", "check"): ("train", _run_data_check),
     ("data", "synth"): ("synth", _run_data_synth),
 }

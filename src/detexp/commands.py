@@ -93,6 +93,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise _explain(exc, run_dir) from None
 
+    if source.val_ids:  # per-class AP, PR curves, image grid of the final model, as `detexp eval`
+        from detexp.evaluate import report_training
+
+        report_training(cfg, result.checkpoint, run_dir, tracker)
     final = _final_checkpoint(result, run_dir)
     if final is not None:
         tracker.log_artifact(final, "checkpoints")
