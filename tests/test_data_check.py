@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import compose_train
+from detexp.commands import train
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.data.voc import VOCRecord, parse_record
+from detexp.errors import DetexpError
 
 CLASSES = list(SHAPES_CLASSES)
 CLASSES_ARG = "dataset.classes=[" + ",".join(CLASSES) + "]"
@@ -406,3 +410,54 @@ def test_truncated_jpeg_read_by_the_training_reader_is_an_error(corpus):
     table = _read_annotations(str(corpus.root), [cut], tuple(CLASSES))
     assert table.column("ok").to_pylist() == [False]
     assert "truncated" in table.column("problems")[0].as_py()
+
+
+# --------------------------------------------------------------------------- training on it
+
+
+def test_train_skips_exactly_the_bad_ids_and_uses_the_rest(corpus, tmp_path):
+    """``python -m detexp train`` on the corpus, as a user runs it: no traceback, the bad
+    ids listed and counted, every other image trained on and evaluated."""
+    out = run_cli(
+        "train", "+experiment=smoke", "dataset=voc", f"dataset.root={corpus.root}", CLASSES_ARG,
+        "schedule.epochs=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "hydra.run.dir=run",
+        cwd=tmp_path, timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "Traceback" not in text
+    assert f"skipping {len(corpus.bad)} image(s) with broken annotations or images" in text
+    for image_id in corpus.bad:
+        assert image_id in text  # the table on the console names each
+
+    with (tmp_path / "run" / "data" / "skipped.csv").open() as f:
+        assert {row["image_id"] for row in csv.DictReader(f)} == set(corpus.bad)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run((tmp_path / "run" / "mlflow_run_id").read_text())
+    metrics = run.data.metrics
+    bad_train = sum(i in corpus.bad for i in corpus.train_ids)
+    bad_val = sum(i in corpus.bad for i in corpus.val_ids)
+    assert run.info.status == "FINISHED"
+    assert metrics["data/skipped"] == len(corpus.bad)
+    assert metrics["data/train_images"] == len(corpus.train_ids) - bad_train
+    assert metrics["data/val_images"] == len(corpus.val_ids) - bad_val
+    assert metrics["data/warnings"] >= 5  # grayscale, CMYK, EXIF, floats, negative
+    # used = total - bad: every good image went through training and validation
+    assert metrics["train/images"] == metrics["data/train_images"]
+    assert metrics["val/images"] == metrics["data/val_images"]
+    assert "data/skipped.csv" in {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+
+
+def test_on_error_raise_stops_before_training_with_the_table(corpus, ray_cluster, tmp_path):
+    cfg = compose_train([
+        "+experiment=smoke", "dataset=voc", f"dataset.root={corpus.root}", CLASSES_ARG,
+        "dataset.on_error=raise", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ])
+    with pytest.raises(DetexpError) as info:
+        train(cfg, tmp_path / "run")
+    message = str(info.value)
+    assert message.startswith("the dataset has errors (dataset.on_error=raise):")
+    assert set(error_rows(message)) == set(corpus.bad)
+    assert message.splitlines()[-1] == f"{len(corpus.bad)} errors in {len(corpus.bad)} images, 0 warnings"
+    assert not (tmp_path / "run" / "mlflow_run_id").exists()  # no MLflow run, no training
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,15 +14,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training cannot continue from this state."""
+    """The loss became NaN or infinite; training cannot continue from this state.
 
-    def __init__(self, epoch: int, step: int, losses: dict[str, float]):
+    ``epoch`` and ``step`` are 0-based (``step`` = optimizer steps completed in the epoch);
+    ``losses`` are the components on the rank that saw it, ``rank`` that rank."""
+
+    def __init__(self, epoch: int, step: int, losses: dict[str, float], rank: int = 0):
         parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}: {parts}")
-        self.epoch, self.step, self.losses = epoch, step, losses
+        self.epoch, self.step, self.losses, self.rank = epoch, step, losses, rank
+
+
+class InvalidTargetError(ValueError):
+    """A box that would make torchvision assert (zero or negative size, NaN, inf)."""
 
 
 @dataclass
@@ -54,13 +62,13 @@ def train_one_epoch(
     stats = EpochStats()
     start = time.perf_counter()
     for images, targets in batches:
+        check_targets(targets)
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         values = {k: v.item() for k, v in loss_dict.items()}
         values["loss"] = loss.item()
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLossError(epoch, stats.steps, values)
+        _raise_if_any_rank_diverged(values, loss.device, epoch, stats.steps)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -80,6 +88,45 @@ def train_one_epoch(
     stats.losses = {k: v / max(stats.steps, 1) for k, v in sums.items()}
     stats.lr = optimizer.param_groups[0]["lr"]
     return stats
+
+
+def check_targets(targets: Iterable[dict]) -> None:
+    """Refuse boxes torchvision cannot take, naming the image (the data pipeline's
+    validation should have dropped them already; this is the last line before the model)."""
+    for t in targets:
+        boxes = t["boxes"]
+        if boxes.numel() == 0:
+            continue
+        bad = ~torch.isfinite(boxes).all(dim=1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            box = [round(float(v), 2) for v in boxes[i]]
+            raise InvalidTargetError(
+                f"image {t.get('image_id', '?')!r}: box {i + 1} {box} has no area or is not finite; "
+                "run `python -m detexp data check` on the dataset"
+            )
+
+
+def _raise_if_any_rank_diverged(values: dict[str, float], device: torch.device, epoch: int, step: int) -> None:
+    """Raise NonFiniteLossError on every rank together when the loss is NaN/inf on any.
+
+    With DDP a rank that stopped alone would leave the others waiting in backward's
+    all-reduce forever, so the ranks agree on one flag each step (one scalar all-reduce,
+    cheap next to DDP's gradient all-reduce), and share the offending rank's losses.
+    """
+    finite = math.isfinite(values["loss"])
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not finite:
+            raise NonFiniteLossError(epoch, step, values)
+        return
+    flag = torch.tensor(1.0 if finite else 0.0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() == 1.0:
+        return
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    rank = next(r for r, v in enumerate(gathered) if not math.isfinite(v["loss"]))
+    raise NonFiniteLossError(epoch, step, gathered[rank], rank=rank)
 
 
 @torch.no_grad()

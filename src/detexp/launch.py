@@ -95,7 +95,8 @@ class _ValidationNotDropped(DataConfig):
 
 
 class _Forward(UserCallback):
-    """Runs in the Ray Train controller: hands each epoch's report to the driver."""
+    """Runs in the Ray Train controller: hands each epoch's report, and each worker
+    failure, to the driver."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
@@ -103,6 +104,22 @@ class _Forward(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         path = checkpoint.path if checkpoint is not None else None
         self.queue.put({"metrics": metrics[0], "checkpoint": path})
+
+    def after_exception(self, run_context, worker_exceptions):
+        rank, exc = min(worker_exceptions.items(), key=lambda item: item[0])
+        self.queue.put({"failure": {"rank": rank, "error": _last_line(exc)}})
+
+
+def _last_line(exc: BaseException, limit: int = 160) -> str:
+    """The telling line of an error that may carry a remote traceback, cut after its
+    first sentence when long (Ray's "actor died" messages run on with generic advice)."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else type(cause).__name__
+    if len(line) > limit:
+        cut = line.find(". ", 20, limit)
+        line = (line[: cut + 1] if cut > 0 else line[: limit - 4]) + " ..."
+    return line
 
 
 def fit(
@@ -113,10 +130,13 @@ def fit(
     name: str,
     keep: int,
     on_report: Callable[[dict[str, Any], str | None], None],
+    on_failure: Callable[[int, str], None] | None = None,
 ) -> ray.train.Result:
     """Run the TorchTrainer; ``on_report(metrics, checkpoint_path)`` is called on the
-    driver for every epoch, as it finishes. Re-using ``storage_path`` and ``name``
-    resumes from the last checkpoint of that run."""
+    driver for every epoch, as it finishes, and ``on_failure(rank, error)`` when a worker
+    fails (Ray Train then restarts the workers from the last checkpoint, up to
+    ``scaling.max_failures`` times). Re-using ``storage_path`` and ``name`` resumes from
+    the last checkpoint of that run."""
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
 
@@ -127,7 +147,11 @@ def fit(
             except Empty:
                 continue
             try:
-                on_report(item["metrics"], item["checkpoint"])
+                if "failure" in item:
+                    if on_failure is not None:
+                        on_failure(item["failure"]["rank"], item["failure"]["error"])
+                else:
+                    on_report(item["metrics"], item["checkpoint"])
             except Exception:  # noqa: BLE001 - a logging failure must not kill training
                 log.exception("could not record epoch results")
 

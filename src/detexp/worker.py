@@ -21,13 +21,15 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from detexp.data.pipeline import batch_to_tensors
-from detexp.engine import predict, train_one_epoch
+from detexp.engine import NonFiniteLossError, predict, train_one_epoch
 from detexp.metrics import DetectionEvaluator
 from detexp.models import build_detector
 from detexp.optim import build_optimizer, build_scheduler, build_warmup
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
+# Key of the report a worker sends instead of an epoch's metrics when the loss diverged.
+DIVERGED = "diverged"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -63,11 +65,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.schedule.epochs):
         warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
         batches = _batches(train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch)
-        # A NonFiniteLossError propagates: Ray Train stops every worker, the last good
-        # checkpoint stays, and the driver turns the error into one line.
-        stats = train_one_epoch(
-            model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm
-        )
+        try:
+            stats = train_one_epoch(
+                model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm
+            )
+        except NonFiniteLossError as exc:
+            # Every rank gets here at the same step (engine agrees on it). Report and
+            # return instead of raising: an error would make Ray Train restart the workers
+            # (scaling.max_failures) and diverge again. No checkpoint: the last good one stays.
+            ray.train.report({"epoch": epoch, DIVERGED: {"step": exc.step, "rank": exc.rank, "losses": exc.losses}})
+            return
         scheduler.step()
 
         val_start = time.perf_counter()
@@ -78,6 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **{f"train/{k}": v for k, v in stats.losses.items() if k != "loss"},
             "train/lr": stats.lr,
             "train/steps": stats.steps * _world_size(),
+            "train/images": stats.images * _world_size(),  # train shards are equal in size
             "train/steps_per_s": stats.steps_per_second,
             "train/epoch_s": stats.seconds,
             "val/epoch_s": time.perf_counter() - val_start,
@@ -114,7 +122,7 @@ def _validate(model, shard, batch_size, device, classes) -> dict[str, Any]:
         evaluator.reset()
         for state in gathered:
             evaluator.merge(state)
-    return evaluator.compute()
+    return {**evaluator.compute(), "images": len(evaluator)}  # -> val/images: none dropped
 
 
 def _report(metrics, model, optimizer, scheduler, config, epoch) -> None:

@@ -1,0 +1,146 @@
+"""Resume after a crash, through the real command line: ``kill -9`` a training run's whole
+process group after its first checkpoint, rerun the same command with ``resume=true``, and
+the one MLflow run holds every epoch exactly once, continuing the learning-rate schedule."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+EPOCHS = 2
+LR, GAMMA = 0.02, 0.1  # smoke: lr 0.02, MultiStepLR x0.1 from epoch index 1
+
+
+def _command(tmp_path: Path, shapes_cache: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "detexp", "train", "+experiment=smoke",
+        f"dataset.cache_dir={shapes_cache}", "dataset.synth.num_train=16", "dataset.synth.num_val=8",
+        f"schedule.epochs={EPOCHS}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "hydra.run.dir=run", *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # the command starts its own Ray, not the test session's
+    return env
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Ray puts its workers in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _kill9_after_first_checkpoint(cmd: list[str], cwd: Path, snapshot: Path, timeout_s: float = 420) -> str:
+    """Start ``cmd`` in its own process group; SIGKILL the group once Ray Train has
+    registered a checkpoint. Returns what the process printed."""
+    log_path = cwd / "first.log"
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    pgid = proc.pid
+    ray_processes: set[int] = set()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not snapshot.is_file():
+            assert proc.poll() is None, f"training ended before its first checkpoint:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no checkpoint after {timeout_s}s:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        ray_processes = _descendants(pgid)
+        os.killpg(pgid, signal.SIGKILL)  # the driver and its local Ray
+        proc.wait(timeout=30)
+        # The Train workers sit in process groups of their own; they must die with their
+        # raylet, or they would go on writing checkpoints beside the resumed run.
+        deadline = time.monotonic() + 60
+        while (_group_alive(pgid) or _alive(ray_processes)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(ray_processes), "Ray processes outlived kill -9 of the driver's group"
+    finally:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        for pid in _alive(ray_processes):
+            os.kill(pid, signal.SIGKILL)
+    return log_path.read_text()
+
+
+def test_kill9_after_first_checkpoint_then_resume_continues_the_same_run(tmp_path, shapes_cache):
+    run_dir = tmp_path / "run"
+    snapshot = run_dir / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+
+    first = _kill9_after_first_checkpoint(_command(tmp_path, shapes_cache), tmp_path, snapshot)
+    assert not re.search(r"^epoch 2/2 ", first, re.M), "the kill came too late to test anything"
+    assert (run_dir / "mlflow_run_id").is_file()
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+
+    # The same command without resume=true refuses to train over the run (before Ray starts).
+    started = time.monotonic()
+    again = subprocess.run(_command(tmp_path, shapes_cache), cwd=tmp_path, capture_output=True, text=True,
+                           env=_env(), timeout=120)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "already holds a run's checkpoints" in again.stdout + again.stderr
+    assert "resume=true" in again.stdout + again.stderr and "Traceback" not in again.stdout + again.stderr
+    assert time.monotonic() - started < 60
+
+    resumed = subprocess.run(_command(tmp_path, shapes_cache, "resume=true"), cwd=tmp_path, capture_output=True,
+                             text=True, env=_env(), timeout=420)
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, text[-4000:]
+    assert "Traceback" not in text
+    assert f"resuming MLflow run {run_id}" in text
+    assert "resuming from the checkpoint of epoch 1/2" in text and "continues with epoch 2/2" in text, text
+    assert not re.search(r"^epoch 1/2 ", text, re.M), text  # epoch 1 is not trained again
+    assert re.search(r"^epoch 2/2 ", text, re.M), text
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("detexp").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run holds it all
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("epoch", "train/loss", "train/lr", "val/map"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(EPOCHS)), (key, steps)  # every epoch, exactly once
+    lrs = {m.step: m.value for m in client.get_metric_history(run_id, "train/lr")}
+    # The scheduler state came back with the checkpoint: a fresh MultiStepLR would give LR again.
+    assert lrs[1] == pytest.approx(LR * GAMMA)
+    assert len(client.get_metric_history(run_id, "data/train_images")) == 1
+    assert (run_dir / "model_final.pt").is_file()
