@@ -2,14 +2,15 @@
 training run made once for this module (about a minute), plus the one-line errors.
 
 The smoke run barely learns: its final model detects nothing above torchvision's 0.05
-score floor, while the checkpoint of its first epoch still makes ~1,600 low-scoring
-detections on the 16 val images. Eval runs on that one, so that the comparison with
+score floor, while the checkpoint of its first epoch still makes hundreds of low-scoring
+detections on the 8 val images. Eval runs on that one, so that the comparison with
 pycocotools has detections, true positives and non-zero APs to agree on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,10 @@ CLASSES = ["circle", "square", "triangle", "cross"]
 def trained(ray_cluster, shapes_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{root}/mlflow.db"
-    cfg = compose_train(["+experiment=smoke", f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}"])
+    cfg = compose_train([
+        "+experiment=smoke", "dataset.synth.num_train=16", "dataset.synth.num_val=8",  # half the smoke data
+        f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}",
+    ])
     result = train(cfg, root / "train")
     first_epoch = sorted((root / "train" / "checkpoints" / "train").glob("checkpoint_*"))[0]
     return SimpleNamespace(root=root, uri=uri, cfg=cfg, result=result, first_epoch=first_epoch)
@@ -189,6 +193,37 @@ def test_model_and_dataset_come_from_the_checkpoint_unless_given():
     assert (other.dataset.name, other.dataset.root, list(other.dataset.classes)) == ("voc", "/data/VOC2007", ["a", "b", "c"])
 
 
+def test_a_fine_tuned_model_is_rebuilt_exactly_without_its_pretrained_weights():
+    """Trained from pretrained weights, torchvision's backbone has FrozenBatchNorm2d (not
+    BatchNorm2d); eval must rebuild that (without downloading the weights) and load the
+    checkpoint strictly, with the same outputs."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detexp.config import ModelConfig
+    from detexp.evaluate import build_inference_model
+    from detexp.models import build_detector
+
+    cfg = OmegaConf.structured(ModelConfig)
+    cfg.min_size = cfg.max_size = 128
+    torch.manual_seed(0)
+    trained = build_detector(cfg, 5)  # then made what a weights_backbone=... build looks like
+    for parent in list(trained.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features)
+                frozen.running_mean.uniform_(-0.5, 0.5)
+                frozen.running_var.uniform_(0.5, 2.0)
+                setattr(parent, name, frozen)
+    cfg.weights_backbone = "IMAGENET1K_V1"
+    rebuilt = build_inference_model(cfg, 5)
+    rebuilt.load_state_dict(trained.state_dict(), strict=True)
+    image = [torch.rand(3, 100, 120)]
+    with torch.no_grad():
+        expected, got = trained.eval()(image)[0], rebuilt.eval()(image)[0]
+    assert len(expected["boxes"]) > 0
+    assert torch.equal(expected["boxes"], got["boxes"]) and torch.equal(expected["scores"], got["scores"])
+
+
 def test_checkpoint_errors_are_one_line_before_ray(tmp_path):
     good = random_checkpoint(tmp_path / "run" / "model_final.pt")
     (tmp_path / "empty").mkdir()
@@ -209,6 +244,18 @@ def test_checkpoint_errors_are_one_line_before_ray(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # failed before MLflow (and Ray) started
 
 
+def test_ray_noise_is_kept_off_the_console(tmp_path, capfd):
+    from detexp.evaluate import _ray_noise_to
+
+    with _ray_noise_to(tmp_path / "ray.log"):
+        os.write(2, b"[E core_worker.cc:2465] Actor with class name: 'MapWorker' has constructor "
+                    b"arguments in the object store and max_restarts > 0.\n")
+        print("a warning that matters", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert err == "a warning that matters\n"
+    assert "constructor arguments" in (tmp_path / "ray.log").read_text()
+
+
 def test_command_line_error_is_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "detexp", "eval", "checkpoint=nope.pt", "hydra.run.dir=run"],
@@ -217,3 +264,21 @@ def test_command_line_error_is_one_line(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 2, text
     assert [line for line in text.splitlines() if line.strip()] == ["error: checkpoint=nope.pt: checkpoint not found"]
+
+
+@pytest.mark.slow
+def test_a_trained_model_agrees_with_pycocotools(ray_cluster, shapes_cache, tmp_path):
+    """The default recipe (`python -m detexp train`, a few minutes on 2 cores) learns the
+    shapes; eval of its model agrees with pycocotools where the APs are far from 0."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trained = train(compose_train([f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}"]), tmp_path / "train")
+    overrides = [f"checkpoint={tmp_path / 'train'}", f"tracking.uri={uri}"]
+    evaluate(compose_train(overrides, config_name="eval"), tmp_path / "eval", overrides)
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    root = dataset_root(OmegaConf.load(tmp_path / "eval" / "config.yaml").dataset)
+    reference, _ = _coco_reference(tmp_path / "eval", root, read_split_ids(root, "val"))
+    assert reference["map_50"] > 0.3, reference
+    for key, value in reference.items():
+        assert abs(metrics[key] - value) <= 1e-6, (key, metrics[key], value)
+    assert metrics["map_50"] == pytest.approx(trained["val/map_50"], abs=0.02)  # what training saw

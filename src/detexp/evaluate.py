@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from detexp.commands import RUN_ID_FILE  # a training run directory's MLflow run id
 from detexp.config import DatasetConfig, ModelConfig
 from detexp.data.voc import (
     SPLITS_DIR,
@@ -53,15 +55,19 @@ from detexp.data.voc import (
     write_problems_csv,
 )
 from detexp.errors import ConfigError, DetexpError
+from detexp.worker import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # what training writes
 
 log = logging.getLogger("detexp")
 
-CHECKPOINT_FORMAT = "detexp-checkpoint-v1"  # what detexp.worker writes
-RUN_ID_FILE = "mlflow_run_id"  # a training run directory's MLflow run id (detexp.commands)
 # File names a run directory of `train` may hold; eval accepts the directory itself.
 CHECKPOINT_NAMES = ("model_final.pt", "checkpoint.pt")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PROGRESS_EVERY_S = 30.0
+# Images per Ray Data block, in inference batches. A block is one predictor task, and its
+# results reach the driver when the task ends: small blocks keep every actor of the pool
+# busy and the results streaming. (The annotation reader makes blocks of hundreds of
+# images: with 5,000 images, 6 tasks of ~830 images each, results in bulk, 6 actors at most.)
+BATCHES_PER_BLOCK = 4
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -78,9 +84,6 @@ PREDICTION_SCHEMA = pa.schema(
         ("error", pa.string()),  # why an image could not be read (predict); null when fine
     ]
 )
-
-_STATE_KEY = "roi_heads.box_predictor.cls_score.weight"
-
 
 # -- checkpoints ---------------------------------------------------------------------------
 
@@ -202,25 +205,47 @@ def load_state(path: Path, model_cfg: Any, num_classes: int) -> dict[str, torch.
 
 
 def build_inference_model(model_cfg: Any, num_classes: int) -> torch.nn.Module:
-    """The architecture of ``model_cfg`` with random weights: the checkpoint supplies all
-    of them, so torchvision's pretrained weights are never read (or downloaded) here."""
+    """The architecture training used for ``model_cfg``, with random weights: the
+    checkpoint supplies all of them, so torchvision's pretrained weights are never read
+    (or downloaded) here."""
     from detexp.models import build_detector
 
     cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True))
-    cfg.weights, cfg.weights_backbone, cfg.checkpoint = None, None, None
-    return build_detector(cfg, num_classes)
+    model = build_detector(OmegaConf.merge(cfg, {"weights": None, "weights_backbone": None, "checkpoint": None}), num_classes)
+    _norms_as_trained(model, cfg)
+    return model
+
+
+def _norms_as_trained(model: torch.nn.Module, cfg: Any) -> None:
+    """Given pretrained weights, torchvision's v1 builders make the backbone's norms
+    FrozenBatchNorm2d, with eps 0 for fasterrcnn_resnet50_fpn's COCO_V1 weights; built
+    without weights they are BatchNorm2d (eps 1e-5). Redo what the builder did, so that
+    the numbers are those of the model that was trained."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detexp.models import BUILDERS, _weight
+
+    if cfg.name == "fasterrcnn_resnet50_fpn_v2" or (cfg.weights is None and cfg.weights_backbone is None):
+        return
+    weights = _weight(BUILDERS[cfg.name][1], cfg.weights, "model.weights")
+    eps = 0.0 if weights == FasterRCNN_ResNet50_FPN_Weights.COCO_V1 else 1e-5
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, name, FrozenBatchNorm2d(child.num_features, eps=eps))
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Any = "checkpoint") -> None:
-    # Built without pretrained weights, torchvision uses BatchNorm2d where a fine-tuned model
-    # had FrozenBatchNorm2d; both compute the same in eval mode, and only BatchNorm2d's
-    # num_batches_tracked counters are missing from the state. Anything else is a mismatch.
+    # A plain state dict (model.checkpoint) may come from a BatchNorm2d model and carry
+    # num_batches_tracked counters, or lack them: neither matters in eval mode.
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ
         detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise ConfigError(f"checkpoint={path} does not fit this model config: {detail}; is model.name right?") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise ConfigError(
@@ -279,8 +304,8 @@ class Predictor:
         usable = [i for i in range(n) if not errors[i]]
         outputs: dict[int, dict[str, torch.Tensor]] = {}
         if usable:
-            subset = {k: [rows[k][i] for i in usable] for k in ("image", "image_shape", "boxes", "labels", "difficult", "image_id")}
-            images, _ = batch_to_tensors(subset, self.device)
+            keys = ("image", "image_shape", "boxes", "labels", "difficult", "image_id")
+            images, _ = batch_to_tensors({k: [rows[k][i] for i in usable] for k in keys}, self.device)
             for i, out in zip(usable, predict(self.model, images), strict=True):
                 keep = out["scores"] >= self.min_score
                 outputs[i] = {k: v[keep] for k, v in out.items()}
@@ -368,11 +393,11 @@ def run_predictor(
     draw_threshold: float = 0.5,
     total: int | None = None,
     ray_log: Path | None = None,
-) -> Iterator[dict[str, list]]:
+) -> Iterator[pa.Table]:
     """Run the actor pool over ``dataset`` (rows of decoded images) and yield the output
-    rows batch by batch, as plain column lists, on the driver; progress is logged every
+    rows (:data:`PREDICTION_SCHEMA`) batch by batch on the driver; progress is logged every
     30 s. Close the generator (``contextlib.closing``) when not running it to the end.
-    ``ray_log``: where Ray's C++ core may write instead of the console (see :func:`_stderr_to`)."""
+    ``ray_log``: where Ray's noise goes instead of the console (see :func:`_ray_noise_to`)."""
     import ray
 
     state_ref = ray.put(state)
@@ -394,11 +419,10 @@ def run_predictor(
         batch_format="pyarrow",
     )
     done, started, last_log = 0, time.perf_counter(), time.perf_counter()
-    with _stderr_to(ray_log):
+    with _ray_noise_to(ray_log):
         for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            rows = batch.to_pydict()
-            done += len(rows["image_id"])
-            yield rows
+            done += batch.num_rows
+            yield batch
             now = time.perf_counter()
             if now - last_log >= PROGRESS_EVERY_S:
                 log.info("  %d/%s images (%.1f images/s)", done, total or "?", done / (now - started))
@@ -406,27 +430,47 @@ def run_predictor(
     del state_ref
 
 
-@contextlib.contextmanager
-def _stderr_to(path: Path | None):
-    """Send file descriptor 2 to ``path`` for a while (None: leave it alone).
+# What Ray's C++ core prints, straight to file descriptor 2, whenever a Ray Data actor pool
+# starts (ray#57733): an error-looking line about Ray Data's own internals, harmless here.
+RAY_NOISE = (b"has constructor arguments in the object store",)
 
-    Ray's C++ core writes to fd 2 directly, below Python's logging: every Ray Data actor
-    pool makes it print an alarming "constructor arguments in the object store" line
-    (ray#57733) that says nothing about the user's run. Our own progress goes to stdout.
+
+@contextlib.contextmanager
+def _ray_noise_to(path: Path | None):
+    """While inside, lines written to file descriptor 2 that match :data:`RAY_NOISE` go to
+    ``path`` instead of the console; everything else still reaches the console, in order.
+    (Python's logging cannot filter them: they come from C++, below it.) None: no filter.
     """
     if path is None:
         yield
         return
     sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as target:
-        os.dup2(target.fileno(), 2)
+    console = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:  # until fd 2 is restored and the pipe closes
+                try:
+                    if any(mark in line for mark in RAY_NOISE):
+                        with open(path, "ab") as noise:
+                            noise.write(line)
+                    else:
+                        os.write(console, line)
+                except OSError:  # the console went away; keep draining the pipe
+                    pass
+
+    thread = threading.Thread(target=pump, name="detexp-stderr", daemon=True)
+    thread.start()
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        os.dup2(console, 2)  # closes the pipe's write end: the pump sees EOF
+        thread.join(timeout=5)
+        os.close(console)
 
 
 # -- eval ------------------------------------------------------------------------------------
@@ -472,6 +516,7 @@ def evaluate_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     annotations = read_annotations(root, ids, classes).materialize()
     usable = _apply_error_policy(cfg.dataset.on_error, problems_of(annotations), len(ids), out_dir)
+    annotations = annotations.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
     log.info("evaluating %d images of %s (%s) with %d actor(s)", usable, root, cfg.dataset.val_split, cfg.scaling.num_workers)
 
     evaluator = DetectionEvaluator(classes)
@@ -485,11 +530,12 @@ def evaluate_split(
         ray_log=None if cfg.ray.verbose else out_dir / "ray.log",
     )
     with predictions_path.open("w") as out, contextlib.closing(stream):
-        for rows in stream:
-            preds, targets = _records(rows)
+        for batch in stream:
+            ids = batch.column("image_id").to_pylist()
+            preds, targets = _records(batch)
             evaluator.update(preds, targets)
-            _write_jsonl(out, rows["image_id"], preds, classes)
-            drawn.update({i: d for i, d in zip(rows["image_id"], rows["drawn"], strict=True) if d})
+            _write_jsonl(out, ids, preds, classes)
+            drawn.update({i: d for i, d in zip(ids, batch.column("drawn").to_pylist(), strict=True) if d})
     seconds = time.perf_counter() - started
     log.info("predicted %d images in %.1fs (%.1f images/s)", len(evaluator), seconds, len(evaluator) / max(seconds, 1e-9))
 
@@ -524,28 +570,35 @@ def _apply_error_policy(on_error: str, problems, total: int, out_dir: Path) -> i
     return total - len(bad)
 
 
-def _records(rows: dict[str, list]) -> tuple[list[dict], list[dict]]:
+def _records(batch: pa.Table) -> tuple[list[dict], list[dict]]:
+    """Per-image numpy arrays (views into one array per column and batch, straight from
+    Arrow: no Python float objects) in the form DetectionEvaluator.update takes."""
+    # 0.01 px is far below any annotation's precision; the same rounded boxes go to the
+    # metrics and to predictions.jsonl, so the file reproduces the numbers exactly.
+    det_boxes = _per_row(batch, "det_boxes", np.float64, 4, decimals=2)
+    det_scores = _per_row(batch, "det_scores", np.float64)
+    det_labels = _per_row(batch, "det_labels", np.int64)
+    gt_boxes = _per_row(batch, "gt_boxes", np.float64, 4)
+    gt_labels = _per_row(batch, "gt_labels", np.int64)
+    gt_difficult = _per_row(batch, "gt_difficult", bool)
     preds, targets = [], []
-    for i, image_id in enumerate(rows["image_id"]):
-        # 0.01 px is far below any annotation's precision; the same rounded boxes go to the
-        # metrics and to predictions.jsonl, so the file reproduces the numbers exactly.
-        boxes = np.round(np.asarray(rows["det_boxes"][i], dtype=np.float64).reshape(-1, 4), 2)
-        preds.append(
-            {
-                "boxes": boxes,
-                "scores": np.asarray(rows["det_scores"][i], dtype=np.float64),
-                "labels": np.asarray(rows["det_labels"][i], dtype=np.int64),
-            }
-        )
+    for i, image_id in enumerate(batch.column("image_id").to_pylist()):
+        preds.append({"boxes": det_boxes[i], "scores": det_scores[i], "labels": det_labels[i]})
         targets.append(
-            {
-                "boxes": np.asarray(rows["gt_boxes"][i], dtype=np.float64).reshape(-1, 4),
-                "labels": np.asarray(rows["gt_labels"][i], dtype=np.int64),
-                "difficult": np.asarray(rows["gt_difficult"][i], dtype=bool),
-                "image_id": image_id,
-            }
+            {"boxes": gt_boxes[i], "labels": gt_labels[i], "difficult": gt_difficult[i], "image_id": image_id}
         )
     return preds, targets
+
+
+def _per_row(batch: pa.Table, name: str, dtype, width: int = 1, decimals: int | None = None) -> list[np.ndarray]:
+    column = batch.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced list array keeps its parent's offsets
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    if decimals is not None:
+        values = np.round(values, decimals)
+    shape = (-1, width) if width > 1 else (-1,)
+    return [values[offsets[i] : offsets[i + 1]].reshape(shape) for i in range(len(column))]
 
 
 def _write_jsonl(out, image_ids: Sequence[str], preds: Sequence[dict], classes: Sequence[str]) -> int:
@@ -641,8 +694,6 @@ def report_training(cfg: DictConfig, checkpoint: Any, run_dir: str | Path, track
 
     Training has succeeded by then, so a failure here is logged, not raised; returns the
     metrics, or None when there was nothing to report."""
-    from detexp.worker import CHECKPOINT_FILE
-
     if checkpoint is None:
         return None
     try:
@@ -707,7 +758,10 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     log.info("predicting %d image(s) from %s with %s", len(files), folder, ckpt.path)
 
     items = [{"image_id": f, "path": str(folder / f)} for f in files]
-    images = ray.data.from_items(items).map_batches(decode_files, batch_format="pyarrow", batch_size=16)
+    blocks = math.ceil(len(items) / (eff.batch_size * BATCHES_PER_BLOCK))
+    images = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        decode_files, batch_format="pyarrow", batch_size=eff.batch_size
+    )
     written, detections, failed = 0, 0, []
     try:
         stream = run_predictor(
@@ -716,11 +770,13 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
             total=len(files), ray_log=None if eff.ray.verbose else run_dir / "ray.log",
         )
         with (run_dir / "predictions.jsonl").open("w") as out, contextlib.closing(stream):
-            for rows in stream:
-                preds, _ = _records(rows)
-                ids = [str(Path(f).with_suffix("")) for f in rows["image_id"]]
+            for batch in stream:
+                preds, _ = _records(batch)
+                names = batch.column("image_id").to_pylist()
+                ids = [str(Path(f).with_suffix("")) for f in names]
                 detections += _write_jsonl(out, ids, preds, classes)
-                for name, drawn, error in zip(rows["image_id"], rows["drawn"], rows["error"], strict=True):
+                columns = (names, batch.column("drawn").to_pylist(), batch.column("error").to_pylist())
+                for name, drawn, error in zip(*columns, strict=True):
                     if error:
                         failed.append(f"{name}: {error}")
                         continue
