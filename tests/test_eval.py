@@ -26,7 +26,7 @@ from detexp.commands import train
 from detexp.data.source import dataset_root
 from detexp.data.voc import parse_record, read_split_ids
 from detexp.errors import ConfigError
-from detexp.evaluate import Checkpoint, effective_config, evaluate
+from detexp.evaluate import CheckpointInfo, effective_config, evaluate
 from detexp.metrics import DetectionEvaluator
 from test_predict import random_checkpoint
 
@@ -177,7 +177,7 @@ def _eval_cfg(tmp_path, *overrides):
 def test_model_and_dataset_come_from_the_checkpoint_unless_given():
     stored = OmegaConf.to_container(compose_train(["+experiment=smoke", "dataset.cache_dir=/data/cache"]))
     stored["dataset"]["classes"] = ["a", "b"]
-    ckpt = Checkpoint(Path("model_final.pt"), stored, ["a", "b"], None)
+    ckpt = CheckpointInfo(Path("model_final.pt"), stored, ["a", "b"], None)
 
     plain = effective_config(compose_train([], config_name="eval"), ckpt, [])
     assert (plain.model.min_size, plain.dataset.synth.num_val, plain.dataset.cache_dir) == (128, 16, "/data/cache")

@@ -89,7 +89,7 @@ PREDICTION_SCHEMA = pa.schema(
 
 
 @dataclass
-class Checkpoint:
+class CheckpointInfo:
     """What eval needs from a training checkpoint, without its tensors."""
 
     path: Path
@@ -114,7 +114,7 @@ def find_checkpoint(path: str | None, key: str = "checkpoint") -> Path:
     return p.resolve()
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
+def read_checkpoint(path: Path) -> CheckpointInfo:
     """Config, class names and training run of a detexp checkpoint; refuses anything else.
 
     Loaded with ``weights_only=True`` and memory-mapped, so the tensors are not read here.
@@ -136,7 +136,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not classes:
         raise ConfigError(f"checkpoint={path}: stores no class names")
     run_id = obj.get("mlflow_run_id") or _run_id_near(path)
-    return Checkpoint(path, config, classes, run_id)
+    return CheckpointInfo(path, config, classes, run_id)
 
 
 def _run_id_near(path: Path) -> str | None:
@@ -177,7 +177,7 @@ def _section(cfg: DictConfig, stored: dict[str, Any], group: str, schema: type, 
     return base
 
 
-def effective_config(cfg: DictConfig, ckpt: Checkpoint, overrides: Sequence[str]) -> DictConfig:
+def effective_config(cfg: DictConfig, ckpt: CheckpointInfo, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` with ``model`` and ``dataset`` taken from the checkpoint except for the keys
     given in ``overrides``, and the checkpoint's class names unless ``dataset.classes`` was given."""
     out = cfg.copy()
@@ -639,7 +639,7 @@ def _prepare(cfg: DictConfig, overrides: Sequence[str] | None):
     return ckpt, eff, state
 
 
-def _start_run(tracker, cfg: DictConfig, ckpt: Checkpoint, command: str, overrides: Sequence[str] | None) -> str:
+def _start_run(tracker, cfg: DictConfig, ckpt: CheckpointInfo, command: str, overrides: Sequence[str] | None) -> str:
     from detexp.tracking import default_tags
 
     tags = {**default_tags(command, list(overrides or [])), "detexp.checkpoint": str(ckpt.path)}
