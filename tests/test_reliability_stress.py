@@ -45,8 +45,26 @@ def test_two_thousand_images_five_percent_bad_nothing_good_lost(ray_cluster, tmp
     assert metrics["train/images"] == metrics["data/train_images"]  # every good image trained on
     assert metrics["val/images"] == metrics["data/val_images"]  # and every good val image scored
     with (tmp_path / "run" / "data" / "skipped.csv").open() as f:
-        assert {row["image_id"] for row in csv.DictReader(f)} == set(corpus.bad)
-    # The console shows a screenful of the table and points at the CSV for the rest.
-    assert f"and {bad - MAX_TABLE_ROWS} more rows in" in caplog.text
+        rows = list(csv.DictReader(f))
+    assert {row["image_id"] for row in rows} == set(corpus.bad)
+    # The console shows a screenful of the table, in split order, and points at the CSV.
+    assert f"and {len(rows) - MAX_TABLE_ROWS} more rows in" in caplog.text
+    listed = corpus.train_ids + corpus.val_ids
+    assert [r["image_id"] for r in rows] == sorted((r["image_id"] for r in rows), key=listed.index)
     print(f"\nstress: built {TOTAL} images in {built:.0f}s, trained+validated in {trained:.0f}s; "
           f"used {TOTAL - bad} of {TOTAL}, skipped {bad}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_workers_stop_together_on_a_nonfinite_loss(ray_cluster, smoke_cfg, tmp_path):
+    """With DDP, a rank that stopped alone would leave the other one waiting in the
+    gradient all-reduce forever; the ranks agree on the step and both report it."""
+    from detexp.commands import TrainingDivergedError
+
+    cfg = smoke_cfg("dataset.synth.num_train=16", "dataset.synth.num_val=8", "scaling.num_workers=2",
+                    "dataset.batch_size=2", "schedule.epochs=2", "schedule.lr_steps=[1]", "schedule.lr_gamma=1e6")
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss in epoch 2/2 at step \d+"):
+        train(cfg, tmp_path / "run")
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text())
+    assert run.info.status == "FAILED"

@@ -125,7 +125,7 @@ def test_kill9_after_first_checkpoint_then_resume_continues_the_same_run(tmp_pat
                              text=True, env=_env(), timeout=420)
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, text[-4000:]
-    assert "Traceback" not in text
+    assert "Traceback" not in text and "A run snapshot was found" not in text  # no Ray chatter
     assert f"resuming MLflow run {run_id}" in text
     assert "resuming from the checkpoint of epoch 1/2" in text and "continues with epoch 2/2" in text, text
     assert not re.search(r"^epoch 1/2 ", text, re.M), text  # epoch 1 is not trained again
@@ -144,3 +144,12 @@ def test_kill9_after_first_checkpoint_then_resume_continues_the_same_run(tmp_pat
     assert lrs[1] == pytest.approx(LR * GAMMA)
     assert len(client.get_metric_history(run_id, "data/train_images")) == 1
     assert (run_dir / "model_final.pt").is_file()
+
+    # Resuming a finished run trains nothing (and starts no Ray) and leaves the history alone.
+    done = subprocess.run(_command(tmp_path, shapes_cache, "resume=true"), cwd=tmp_path, capture_output=True,
+                          text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "has finished all 2 epochs already" in done.stdout
+    assert len(done.stdout.strip().splitlines()) == 4, done.stdout  # resuming, finished, done, browse
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(EPOCHS))
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -73,6 +73,16 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
             "pass resume=true to continue it, or choose another hydra.run.dir"
         )
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # refuses a dead server early
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    epochs = cfg.schedule.epochs
+    if previous is not None and previous.epoch + 1 >= epochs:  # nothing to train: no Ray, no data
+        run_id = _start_or_resume_run(tracker, cfg, resolved, run_dir, overrides or [])
+        _Progress(epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous).backfill(previous)
+        log.info(
+            "the run in %s has finished all %d epochs already (its last checkpoint is of epoch %d); "
+            "nothing to train. Raise schedule.epochs to train it longer.", run_dir, epochs, previous.epoch + 1,
+        )
+        return _finish(tracker, run_id, previous.checkpoint, run_dir, previous.metrics)
     source = resolve(cfg.dataset)
 
     launch.init_ray(cfg.ray.address, cfg.ray.verbose)
@@ -86,7 +96,6 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
             f"scaling.num_workers={cfg.scaling.num_workers} workers"
         )
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run_id = _start_or_resume_run(tracker, cfg, resolved, run_dir, overrides or [])
@@ -96,13 +105,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         if (run_dir / name).exists():
             tracker.log_artifact(run_dir / name, str(Path(name).parent) if "/" in name else None)
 
-    epochs = cfg.schedule.epochs
     progress = _Progress(epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous)
     if previous is not None:
         progress.backfill(previous)
-        if previous.epoch + 1 >= epochs:
-            log.info("resumed run %s has finished all %d epochs already; nothing to train", run_id, epochs)
-            return _finish(tracker, run_id, previous.checkpoint, run_dir, previous.metrics)
         log.info(
             "resuming from the checkpoint of epoch %d/%d (%s): training continues with epoch %d/%d "
             "in MLflow run %s", previous.epoch + 1, epochs, previous.checkpoint.path,
@@ -166,10 +171,15 @@ def latest_checkpoint(experiment_dir: Path) -> SavedCheckpoint | None:
 
     if not (experiment_dir / "checkpoint_manager_snapshot.json").is_file():
         return None
+    ray_train_log = logging.getLogger("ray.train")
+    level = ray_train_log.level
+    ray_train_log.setLevel(logging.WARNING)  # not Ray's paragraph about finding a snapshot
     try:
         result = Result.from_path(str(experiment_dir))
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign snapshot
         raise ConfigError(f"cannot read the checkpoints in {experiment_dir}: {exc}") from None
+    finally:
+        ray_train_log.setLevel(level)
     if result.checkpoint is None:
         return None
     kept = sorted(result.best_checkpoints or [], key=lambda item: int(item[1]["epoch"]))
@@ -183,6 +193,8 @@ def _load_datasets(cfg: DictConfig, source: DataSource):
     train_ann = read_annotations(source.root, source.train_ids, source.classes).materialize()
     val_ann = read_annotations(source.root, source.val_ids, source.classes).materialize()
     problems = problems_of(train_ann) + (problems_of(val_ann) if source.val_ids else [])
+    order = {image_id: n for n, image_id in enumerate(source.train_ids + source.val_ids)}
+    problems.sort(key=lambda p: order.get(p.image_id, len(order)))  # split order, not block order
     bad = {p.image_id for p in problems if p.severity == "error"}
     counts = {
         "data/train_images": sum(1 for i in source.train_ids if i not in bad),
