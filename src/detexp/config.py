@@ -58,6 +58,10 @@ class ModelConfig:
     # RoIs sampled per image for the box head's loss (torchvision: 512). Fewer is much
     # cheaper on a CPU and enough for images with a handful of objects.
     box_batch_size_per_image: int = 512
+    # Region proposals kept per image while training, before and after NMS (torchvision:
+    # 2000 each); evaluation keeps the builder's own values.
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
 
 
 @dataclass

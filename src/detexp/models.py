@@ -78,6 +78,8 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
         "min_size": cfg.min_size,
         "max_size": cfg.max_size,
         "box_batch_size_per_image": cfg.box_batch_size_per_image,
+        "rpn_pre_nms_top_n_train": cfg.rpn_pre_nms_top_n_train,
+        "rpn_post_nms_top_n_train": cfg.rpn_post_nms_top_n_train,
     }
     if cfg.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
