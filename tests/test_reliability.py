@@ -235,3 +235,18 @@ def test_docs_say_how_to_keep_mlflow_private():
     assert "--host 127.0.0.1" in text
     assert "basic-auth" in text and "reverse proxy" in text
     assert "weights_only=True" in text
+
+
+def test_a_worker_error_is_told_in_one_line():
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from detexp.launch import _last_line
+
+    try:
+        raise ValueError("Key 'foo' not in 'ModelConfig'\n    full_key: model.foo\n    object_type=dict")
+    except ValueError as exc:
+        wrapped = UserExceptionWithTraceback(exc, "Traceback (most recent call last):\n  ...\nValueError: ...\nobject_type=dict")
+    assert _last_line(wrapped) == "ValueError: Key 'foo' not in 'ModelConfig'"
+    died = RuntimeError("The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR "
+                        "Worker exit detail: Worker unexpectedly exits with a connection error code 2. " + "x" * 200)
+    assert _last_line(died) == "The actor is dead because its worker process has died. ..."

@@ -111,11 +111,17 @@ class _Forward(UserCallback):
 
 
 def _last_line(exc: BaseException, limit: int = 160) -> str:
-    """The telling line of an error that may carry a remote traceback, cut after its
-    first sentence when long (Ray's "actor died" messages run on with generic advice)."""
-    cause = getattr(exc, "cause", None) or exc
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    line = lines[-1].strip() if lines else type(cause).__name__
+    """One line about a worker failure: ``Type: first line`` of an exception raised by our
+    code (Ray Train hands it over wrapped, with its traceback as the text), otherwise the
+    telling line of Ray's message, cut after its first sentence when it runs on."""
+    base = getattr(exc, "_base_exc", None)  # ray.train's UserExceptionWithTraceback
+    if isinstance(base, BaseException):
+        lines = [line.strip() for line in str(base).strip().splitlines() if line.strip()]
+        line = f"{type(base).__name__}: {lines[0]}" if lines else type(base).__name__
+    else:
+        cause = getattr(exc, "cause", None) or exc
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        line = lines[-1] if lines else type(cause).__name__
     if len(line) > limit:
         cut = line.find(". ", 20, limit)
         line = (line[: cut + 1] if cut > 0 else line[: limit - 4]) + " ..."
