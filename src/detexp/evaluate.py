@@ -167,14 +167,25 @@ def _section(cfg: DictConfig, stored: dict[str, Any], group: str, schema: type, 
     chosen, keys = _given(overrides, group)
     if chosen or group not in stored:
         return cfg[group]
-    base = OmegaConf.structured(schema)
     try:
-        base = OmegaConf.merge(base, stored[group])
-    except Exception as exc:  # noqa: BLE001 - an older or newer detexp's config
+        base = fit_schema(schema, stored[group], f"the checkpoint's {group} config")
+    except Exception as exc:  # noqa: BLE001 - a value of the wrong type
         raise ConfigError(f"the checkpoint's {group} config does not fit this detexp: {exc}") from None
     for key in keys:
         OmegaConf.update(base, key, OmegaConf.select(cfg[group], key), merge=False)
     return base
+
+
+def fit_schema(schema: type, stored: Any, what: str | None = None) -> DictConfig:
+    """``stored`` (a config of another detexp version, say) on ``schema``: keys the schema
+    has and ``stored`` lacks get their defaults; keys it no longer has are dropped (and
+    named in a warning when ``what`` says what the config is)."""
+    values = OmegaConf.to_container(OmegaConf.create(stored), resolve=True) if not isinstance(stored, dict) else stored
+    known = schema.__dataclass_fields__
+    dropped = sorted(k for k in values if k not in known)
+    if dropped and what:
+        log.warning("%s has keys this detexp does not know, ignored: %s", what, ", ".join(dropped))
+    return OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in values.items() if k in known})
 
 
 def effective_config(cfg: DictConfig, ckpt: CheckpointInfo, overrides: Sequence[str]) -> DictConfig:
@@ -210,7 +221,8 @@ def build_inference_model(model_cfg: Any, num_classes: int) -> torch.nn.Module:
     (or downloaded) here."""
     from detexp.models import build_detector
 
-    cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True))
+    # On the schema: a checkpoint of an older detexp lacks keys that build_detector reads.
+    cfg = fit_schema(ModelConfig, model_cfg)
     model = build_detector(OmegaConf.merge(cfg, {"weights": None, "weights_backbone": None, "checkpoint": None}), num_classes)
     _norms_as_trained(model, cfg)
     return model
