@@ -59,7 +59,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    try:
+        val_shard = ray.train.get_dataset_shard("val")
+    except KeyError:  # no val split (dataset.val_split=null, or val_fraction=0)
+        val_shard = None
     steps_per_epoch = config.get("steps_per_epoch")
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
@@ -78,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
 
         val_start = time.perf_counter()
-        val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes)
+        val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes) if val_shard else {}
         metrics = {
             "epoch": epoch,
             "train/loss": stats.losses.get("loss", float("nan")),
