@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
 
         val_start = time.perf_counter()
-        val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes) if val_shard else {}
+        val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes) if val_shard is not None else {}
         metrics = {
             "epoch": epoch,
             "train/loss": stats.losses.get("loss", float("nan")),
