@@ -364,7 +364,8 @@ def test_data_check_of_a_missing_root_is_one_line(tmp_path):
 def test_dataset_files_are_opened_only_inside_the_root(corpus, tmp_path):
     """Every file the checker and the Ray Data read/decode functions open lies under
     dataset.root, whatever the split lines and the XML <filename>/<path> say."""
-    from detexp.data.pipeline import _read_annotations, decode_batch
+    from detexp.data.annotations import _read_annotations
+    from detexp.data.pipeline import decode_batch
     from detexp.data.voc import check_dataset
 
     opened: list[str] = []
@@ -404,7 +405,7 @@ def test_skipped_csv_round_trips(corpus, tmp_path):
 def test_truncated_jpeg_read_by_the_training_reader_is_an_error(corpus):
     """The Ray Data annotation pass decodes pixels, so a cut-off JPEG is skipped up front
     rather than crashing a worker mid-epoch."""
-    from detexp.data.pipeline import _read_annotations
+    from detexp.data.annotations import _read_annotations
 
     cut = next(i for i, why in corpus.bad.items() if why.startswith("JPEG cut off"))
     table = _read_annotations(str(corpus.root), [cut], tuple(CLASSES))

@@ -3,6 +3,8 @@ boxes flipped with the pixels."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detexp.data.pipeline import (
-    _read_annotations,
-    batch_to_tensors,
-    decode_batch,
-    problems_of,
-    read_annotations,
-)
+from detexp.data.annotations import _read_annotations, problems_of, read_annotations
+from detexp.data.pipeline import batch_to_tensors, decode_batch
 
 XML = """<annotation><folder>VOC</folder><filename>{filename}</filename>
 <size><width>{w}</width><height>{h}</height><depth>3</depth></size>
@@ -78,3 +75,11 @@ def test_ray_datasource_reads_rows_and_reports_broken_ones(ray_cluster, tmp_path
     assert list(rows["000"]["boxes"]) == [11.0, 21.0, 40.0, 60.0]
     problems = problems_of(ann)
     assert [(p.image_id, p.file, p.severity) for p in problems] == [("003", "Annotations/003.xml", "error")]
+
+
+def test_annotation_read_tasks_do_not_import_torch():
+    """A read task unpickles detexp.data.annotations on a fresh Ray worker; importing torch
+    there would add seconds to the start of every run."""
+    code = "import sys, detexp.data.annotations; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

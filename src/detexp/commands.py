@@ -187,7 +187,8 @@ def latest_checkpoint(experiment_dir: Path) -> SavedCheckpoint | None:
 
 
 def _load_datasets(cfg: DictConfig, source: DataSource):
-    from detexp.data.pipeline import decode_images, problems_of, read_annotations
+    from detexp.data.annotations import problems_of, read_annotations
+    from detexp.data.pipeline import decode_images
 
     started = time.perf_counter()
     train_ann = read_annotations(source.root, source.train_ids, source.classes).materialize()

@@ -514,7 +514,8 @@ def evaluate_split(
     Ray, and write ``metrics.json``, ``predictions.jsonl``, ``per_class_ap.csv/.md``,
     ``pr_curves/pr_<class>.png`` and ``predictions_grid.jpg`` into ``out_dir``.
     Returns the metrics (``DetectionEvaluator.compute()``) and the files written."""
-    from detexp.data.pipeline import decode_images, problems_of, read_annotations
+    from detexp.data.annotations import problems_of, read_annotations
+    from detexp.data.pipeline import decode_images
     from detexp.data.source import dataset_root
     from detexp.metrics import DetectionEvaluator
     from detexp.reports import image_grid, plot_pr_curves, write_per_class_table

@@ -1,5 +1,5 @@
-"""Ray Data pipeline for VOC-format folders: a datasource for the annotations, then
-image decoding and box-aware augmentation inside ``map_batches``.
+"""Ray Data pipeline for VOC-format folders: image decoding and box-aware augmentation
+inside ``map_batches``, over the annotation rows of :mod:`detexp.data.annotations`.
 
 Rows never hold ragged tensors (ray#31779, #50229): per-image boxes travel as flat Arrow
 ``list<float32>`` columns and pixels as raw ``uint8`` bytes plus a shape column, so Ray
@@ -9,8 +9,6 @@ with :func:`batch_to_tensors`.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,93 +16,11 @@ import pyarrow as pa
 import ray.data
 import torch
 from PIL import Image
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 from ray.data.expressions import col
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from detexp.data.voc import Problem, image_path, parse_record
-
-ANNOTATION_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("boxes", pa.list_(pa.float32())),  # flat xmin, ymin, xmax, ymax, ...
-        ("labels", pa.list_(pa.int64())),
-        ("difficult", pa.list_(pa.bool_())),
-        ("problems", pa.string()),  # JSON list of Problem dicts; "[]" when clean
-        ("ok", pa.bool_()),  # False when the image has an error and must not be used
-    ]
-)
-
-
-class VOCAnnotationDatasource(Datasource):
-    """One row per image id: its boxes, labels and difficult flags, parsed and checked
-    (the image fully decoded) by read tasks on the cluster, not on the driver. Images
-    with an error get ``ok=False`` and their problems, so the driver can count, list and
-    skip them."""
-
-    def __init__(self, root: str | Path, ids: Sequence[str], classes: Sequence[str]):
-        super().__init__()
-        self._root = str(root)
-        self._ids = list(ids)
-        self._classes = tuple(classes)
-
-    def estimate_inmemory_data_size(self) -> int:
-        return 200 * len(self._ids)
-
-    def get_read_tasks(self, parallelism: int, **kwargs) -> list[ReadTask]:
-        n_tasks = max(1, min(parallelism, len(self._ids) // 64 or 1))
-        chunks = [c for c in np.array_split(np.asarray(self._ids, dtype=object), n_tasks) if len(c)]
-        root, classes = self._root, self._classes
-        return [
-            ReadTask(
-                lambda chunk=chunk: [_read_annotations(root, list(chunk), classes)],
-                BlockMetadata(
-                    num_rows=len(chunk), size_bytes=200 * len(chunk), input_files=None,
-                    exec_stats=None,
-                ),
-                schema=ANNOTATION_SCHEMA,
-            )
-            for chunk in chunks
-        ]
-
-
-def _read_annotations(root: str, ids: list[str], classes: tuple[str, ...]) -> pa.Table:
-    columns: dict[str, list] = {name: [] for name in ANNOTATION_SCHEMA.names}
-    for image_id in ids:
-        # Decode every pixel here, once: a truncated JPEG must be skipped and counted now,
-        # not crash a worker mid-epoch (or, dropped there, leave DDP ranks uneven).
-        record, problems = parse_record(Path(root), image_id, classes, verify_image=True)
-        columns["image_id"].append(image_id)
-        columns["problems"].append(json.dumps([p.__dict__ for p in problems]))
-        columns["ok"].append(record is not None)
-        if record is None:
-            columns["width"].append(0)
-            columns["height"].append(0)
-            columns["boxes"].append([])
-            columns["labels"].append([])
-            columns["difficult"].append([])
-        else:
-            columns["width"].append(record.width)
-            columns["height"].append(record.height)
-            columns["boxes"].append(record.boxes.reshape(-1).tolist())
-            columns["labels"].append(record.labels.tolist())
-            columns["difficult"].append(record.difficult.tolist())
-    return pa.Table.from_pydict(columns, schema=ANNOTATION_SCHEMA)
-
-
-def read_annotations(root: str | Path, ids: Sequence[str], classes: Sequence[str]) -> ray.data.Dataset:
-    return ray.data.read_datasource(VOCAnnotationDatasource(root, ids, classes))
-
-
-def problems_of(annotations: ray.data.Dataset) -> list[Problem]:
-    """Problems (errors and warnings) of every image, collected on the driver.
-    Only rows that have problems travel, so this stays small for a clean dataset."""
-    rows = annotations.filter(expr=col("problems") != "[]").select_columns(["problems"]).take_all()
-    return [Problem(**p) for row in rows for p in json.loads(row["problems"])]
+from detexp.data.voc import image_path
 
 
 def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Table:
