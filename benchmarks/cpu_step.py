@@ -1,0 +1,106 @@
+"""CPU cost of one training step of the default detector, by image size and sampled RoIs.
+
+The default recipe (conf/model/mobilenet_320_cpu.yaml) trains from scratch on 2 CPU
+cores, so its step cost decides how much it can learn in the 10-minute budget. This
+times one SGD step (forward, backward, update) in-process, batch 8 of the generated
+shapes, for each variant side by side in one run, and prints each as a ratio to
+torchvision's own settings (512 RoIs, 2000 proposals). With ``--profile`` it also prints
+the operators that take the time for the default variant.
+
+    .venv/bin/python benchmarks/cpu_step.py              # all variants, 2 threads
+    .venv/bin/python benchmarks/cpu_step.py --profile    # + where the default's step goes
+
+Not a test: nothing here fails on a number. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from detexp.config import ModelConfig
+from detexp.data.annotations import _read_annotations
+from detexp.data.pipeline import batch_to_tensors, decode_batch
+from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
+from detexp.models import build_detector
+
+# (label, min/max size, box_batch_size_per_image, rpn top-n while training)
+VARIANTS = [
+    ("torchvision's settings, 320 px", 320, 512, 2000),
+    ("128 RoIs, 192 px (the previous default)", 192, 128, 500),
+    ("64 RoIs, 320 px", 320, 64, 500),
+    ("32 RoIs, 320 px (the default)", 320, 32, 500),
+]
+
+
+def load_batches(root: Path, batch_size: int, count: int):
+    ids = [f"{i + 1:06d}" for i in range(batch_size * count)]
+    table = _read_annotations(str(root), ids, SHAPES_CLASSES)
+    images, targets = batch_to_tensors(decode_batch(table, str(root)))
+    return [
+        (images[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(images), batch_size)
+    ]
+
+
+def step_seconds(size: int, rois: int, proposals: int, batches, steps: int, profile: bool = False) -> list[float]:
+    cfg = OmegaConf.structured(ModelConfig)
+    cfg.min_size = cfg.max_size = size
+    cfg.box_batch_size_per_image = rois
+    cfg.rpn_pre_nms_top_n_train = cfg.rpn_post_nms_top_n_train = proposals
+    torch.manual_seed(0)
+    model = build_detector(cfg, len(SHAPES_CLASSES) + 1)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for n in range(steps + 1):  # the first step warms up allocators and is not counted
+        images, targets = batches[n % len(batches)]
+        start = time.perf_counter()
+        loss = sum(model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if n:
+            times.append(time.perf_counter() - start)
+    if profile:
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as prof:
+            loss = sum(model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]).values())
+            loss.backward()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return times
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (Ray gives a worker its CPU count)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_shapes(Path(tmp) / "shapes", num_train=48, num_val=1, image_size=192)
+        batches = load_batches(root, 8, 6)
+        results = []
+        for label, size, rois, proposals in VARIANTS:
+            profile = args.profile and label.endswith("(the default)")
+            times = step_seconds(size, rois, proposals, batches, args.steps, profile)
+            results.append((label, statistics.median(times)))
+            print(f"{label:42s} {statistics.median(times):6.2f} s/step", flush=True)
+
+    base = results[0][1]
+    print(f"\nbatch 8, {args.threads} threads, median of {args.steps} steps; speed-up over the first row:")
+    for label, seconds in results:
+        print(f"  {label:42s} {base / seconds:5.1f}x")
+
+
+if __name__ == "__main__":
+    main()
