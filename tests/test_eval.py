@@ -284,7 +284,7 @@ def test_a_trained_model_agrees_with_pycocotools(ray_cluster, shapes_cache, tmp_
     are far from 0."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trained = train(compose_train([f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}"]), tmp_path / "train")
-    assert trained["val/map_50"] >= 0.5, trained  # measured 0.696 and 0.727 in two runs
+    assert trained["val/map_50"] >= 0.5, trained  # measured 0.585, 0.696 and 0.727 in three runs
     overrides = [f"checkpoint={tmp_path / 'train'}", f"tracking.uri={uri}"]
     evaluate(compose_train(overrides, config_name="eval"), tmp_path / "eval", overrides)
 
