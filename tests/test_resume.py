@@ -22,7 +22,9 @@ LR, GAMMA = 0.02, 0.1  # smoke: lr 0.02, MultiStepLR x0.1 from epoch index 1
 def _command(tmp_path: Path, shapes_cache: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "detexp", "train", "+experiment=smoke",
-        f"dataset.cache_dir={shapes_cache}", "dataset.synth.num_train=16", "dataset.synth.num_val=8",
+        # 24 steps an epoch: epoch 2 must outlast Ray Train's 2 s poll of the workers, or its
+        # checkpoint is registered together with epoch 1's and the kill comes too late.
+        f"dataset.cache_dir={shapes_cache}", "dataset.synth.num_train=96", "dataset.synth.num_val=8",
         "dataset.val_split=null",  # about resuming training: validation would only cost time
         f"schedule.epochs={EPOCHS}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         "hydra.run.dir=run", *extra,
