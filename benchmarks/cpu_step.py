@@ -2,7 +2,7 @@
 
 The default recipe (conf/model/mobilenet_320_cpu.yaml) trains from scratch on 2 CPU
 cores, so its step cost decides how much it can learn in the 10-minute budget. This
-times one SGD step (forward, backward, update) in-process, batch 8 of the generated
+times the trainer's step (``engine.train_one_epoch``: forward, backward, update) in-process, batch 8 of the generated
 shapes, for each variant side by side in one run, and prints each as a ratio to
 torchvision's own settings (512 RoIs, 2000 proposals). With ``--profile`` it also prints
 the operators that take the time for the default variant.
@@ -28,6 +28,7 @@ from detexp.config import ModelConfig
 from detexp.data.annotations import _read_annotations
 from detexp.data.pipeline import batch_to_tensors, decode_batch
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
+from detexp.engine import train_one_epoch
 from detexp.models import build_detector
 
 # (label, min/max size, box_batch_size_per_image, rpn top-n while training)
@@ -49,33 +50,27 @@ def load_batches(root: Path, batch_size: int, count: int):
 
 
 def step_seconds(size: int, rois: int, proposals: int, batches, steps: int, profile: bool = False) -> list[float]:
+    """Seconds of each of ``steps`` training steps of :func:`detexp.engine.train_one_epoch`
+    (the trainer's own step), after one untimed warm-up step."""
     cfg = OmegaConf.structured(ModelConfig)
     cfg.min_size = cfg.max_size = size
     cfg.box_batch_size_per_image = rois
     cfg.rpn_pre_nms_top_n_train = cfg.rpn_post_nms_top_n_train = proposals
     torch.manual_seed(0)
     model = build_detector(cfg, len(SHAPES_CLASSES) + 1)
-    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times = []
-    for n in range(steps + 1):  # the first step warms up allocators and is not counted
-        images, targets = batches[n % len(batches)]
-        start = time.perf_counter()
-        loss = sum(model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if n:
-            times.append(time.perf_counter() - start)
+    ends: list[float] = []
+    train_one_epoch(
+        model, optimizer, (batches[n % len(batches)] for n in range(steps + 1)), epoch=0,
+        on_step=lambda step, losses: ends.append(time.perf_counter()),
+    )
     if profile:
         from torch.profiler import profile as torch_profile
 
         with torch_profile() as prof:
-            loss = sum(model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]).values())
-            loss.backward()
+            train_one_epoch(model, optimizer, batches[:1], epoch=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    return times
-
+    return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
 
 def main() -> None:
