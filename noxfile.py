@@ -1,5 +1,5 @@
 """nox sessions: `nox -s tests` (the default suite), `nox -s slow` (long end-to-end
-runs), `nox -s lint` (ruff)."""
+runs), `nox -s lint` (ruff, and import-linter's layers contract from pyproject.toml)."""
 
 import nox
 
@@ -21,5 +21,7 @@ def slow(session):
 
 @nox.session
 def lint(session):
-    session.install("ruff")
+    session.install("ruff", "import-linter")
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    # grimp reads the source; it needs the package on the path, not installed.
+    session.run("lint-imports", env={"PYTHONPATH": "src"})

@@ -69,8 +69,8 @@ class _ProgressHandler(logging.Handler):
 
 
 def write_checkpoint(path: Path, root: Path, classes: list[str], image_size: int) -> None:
+    from detexp.checkpoints import CHECKPOINT_FORMAT
     from detexp.config import TrainConfig
-    from detexp.evaluate import CHECKPOINT_FORMAT
     from detexp.models import build_detector
 
     cfg = OmegaConf.structured(TrainConfig)

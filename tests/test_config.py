@@ -12,8 +12,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_train
-from detexp.commands import check_train_config
 from detexp.errors import ConfigError
+from detexp.train import check_train_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 

@@ -22,10 +22,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import compose_train
-from detexp.commands import train
+from detexp.data.parsing import parse_record
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
-from detexp.data.voc import VOCRecord, parse_record
+from detexp.data.voc import VOCRecord
 from detexp.errors import DetexpError
+from detexp.train import train
 
 CLASSES = list(SHAPES_CLASSES)
 CLASSES_ARG = "dataset.classes=[" + ",".join(CLASSES) + "]"
@@ -365,8 +366,8 @@ def test_dataset_files_are_opened_only_inside_the_root(corpus, tmp_path):
     """Every file the checker and the Ray Data read/decode functions open lies under
     dataset.root, whatever the split lines and the XML <filename>/<path> say."""
     from detexp.data.annotations import _read_annotations
+    from detexp.data.parsing import check_dataset
     from detexp.data.pipeline import decode_batch
-    from detexp.data.voc import check_dataset
 
     opened: list[str] = []
     watching = [True]
@@ -393,7 +394,8 @@ def test_dataset_files_are_opened_only_inside_the_root(corpus, tmp_path):
 
 def test_skipped_csv_round_trips(corpus, tmp_path):
     """What train writes is readable back: one row per error, the bad ids only."""
-    from detexp.data.voc import check_dataset, write_problems_csv
+    from detexp.data.parsing import check_dataset
+    from detexp.data.problems import write_problems_csv
 
     _, problems = check_dataset(corpus.root, corpus.train_ids + corpus.val_ids, CLASSES)
     errors = [p for p in problems if p.severity == "error"]

@@ -22,13 +22,15 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import compose_train
-from detexp.commands import train
+from detexp.checkpoints import CheckpointInfo, effective_config
 from detexp.config import ModelConfig
+from detexp.data.parsing import parse_record
 from detexp.data.source import dataset_root
-from detexp.data.voc import parse_record, read_split_ids
+from detexp.data.voc import read_split_ids
 from detexp.errors import ConfigError
-from detexp.evaluate import CheckpointInfo, effective_config, evaluate
+from detexp.evaluate import evaluate
 from detexp.metrics import DetectionEvaluator
+from detexp.train import train
 from test_predict import random_checkpoint
 
 METRIC_KEYS = {
@@ -211,8 +213,7 @@ def test_a_fine_tuned_model_is_rebuilt_exactly_without_its_pretrained_weights():
     checkpoint strictly, with the same outputs."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from detexp.evaluate import build_inference_model
-    from detexp.models import build_detector
+    from detexp.models import build_detector, build_inference_model
 
     cfg = OmegaConf.structured(ModelConfig)
     cfg.min_size = cfg.max_size = 128
@@ -256,9 +257,9 @@ def test_checkpoint_errors_are_one_line_before_ray(tmp_path):
 
 
 def test_ray_noise_is_kept_off_the_console(tmp_path, capfd):
-    from detexp.evaluate import _ray_noise_to
+    from detexp.inference import ray_noise_to
 
-    with _ray_noise_to(tmp_path / "ray.log"):
+    with ray_noise_to(tmp_path / "ray.log"):
         os.write(2, b"[E core_worker.cc:2465] Actor with class name: 'MapWorker' has constructor "
                     b"arguments in the object store and max_restarts > 0.\n")
         print("a warning that matters", file=sys.stderr, flush=True)

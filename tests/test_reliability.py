@@ -20,10 +20,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import detexp
-from detexp.commands import TrainingDivergedError, train
 from detexp.engine import InvalidTargetError, NonFiniteLossError, check_targets, train_one_epoch
-from detexp.errors import USER_ERRORS, TrackingError
+from detexp.errors import USER_ERRORS, TrackingError, TrainingDivergedError
 from detexp.tracking import check_reachable
+from detexp.train import train
 
 SRC = Path(detexp.__file__).parent
 REPO = SRC.parent.parent
@@ -241,13 +241,13 @@ def test_docs_say_how_to_keep_mlflow_private():
 def test_a_worker_error_is_told_in_one_line():
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from detexp.launch import _last_line
+    from detexp.launch import describe_failure
 
     try:
         raise ValueError("Key 'foo' not in 'ModelConfig'\n    full_key: model.foo\n    object_type=dict")
     except ValueError as exc:
         wrapped = UserExceptionWithTraceback(exc, "Traceback (most recent call last):\n  ...\nValueError: ...\nobject_type=dict")
-    assert _last_line(wrapped) == "ValueError: Key 'foo' not in 'ModelConfig'"
+    assert describe_failure(wrapped) == "ValueError: Key 'foo' not in 'ModelConfig'"
     died = RuntimeError("The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR "
                         "Worker exit detail: Worker unexpectedly exits with a connection error code 2. " + "x" * 200)
-    assert _last_line(died) == "The actor is dead because its worker process has died. ..."
+    assert describe_failure(died) == "The actor is dead because its worker process has died. ..."

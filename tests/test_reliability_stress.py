@@ -11,7 +11,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from detexp.commands import MAX_TABLE_ROWS, train
+from detexp.data.problems import MAX_TABLE_ROWS
+from detexp.train import train
 from test_data_check import CLASSES_ARG, build_corpus
 
 TOTAL, BAD_TRAIN, BAD_VAL = 2000, 95, 5  # 5% bad
@@ -60,7 +61,7 @@ def test_two_thousand_images_five_percent_bad_nothing_good_lost(ray_cluster, tmp
 def test_two_workers_stop_together_on_a_nonfinite_loss(ray_cluster, smoke_cfg, tmp_path):
     """With DDP, a rank that stopped alone would leave the other one waiting in the
     gradient all-reduce forever; the ranks agree on the step and both report it."""
-    from detexp.commands import TrainingDivergedError
+    from detexp.errors import TrainingDivergedError
 
     cfg = smoke_cfg("dataset.synth.num_train=16", "dataset.synth.num_val=8", "scaling.num_workers=2",
                     "dataset.batch_size=2", "schedule.epochs=2", "schedule.lr_steps=[1]", "schedule.lr_gamma=1e6")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from detexp.commands import train
 from detexp.errors import ResourceError
+from detexp.train import train
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detexp.data.parsing import check_dataset
 from detexp.data.shapes import SHAPES_CLASSES, ensure_shapes, generate_shapes
-from detexp.data.voc import check_dataset, read_split_ids
+from detexp.data.voc import read_split_ids
 
 PARAMS = dict(num_train=40, num_val=10, image_size=96, seed=7)
 

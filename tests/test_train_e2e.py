@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from detexp.commands import train
+from detexp.train import train
 
 
 def _history(client, run_id, key):

@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from detexp.data.parsing import check_dataset, parse_record
+from detexp.data.problems import format_problems, write_problems_csv
 from detexp.data.voc import (
     DatasetError,
     Problem,
     annotation_path,
-    check_dataset,
-    format_problems,
     image_path,
     list_annotation_ids,
-    parse_record,
     read_split_ids,
     seeded_split,
-    write_problems_csv,
 )
 
 CLASSES = ("cat", "dog", "person")

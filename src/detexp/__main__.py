@@ -40,7 +40,7 @@ log = logging.getLogger("detexp")
 
 
 def _run_train(cfg: DictConfig) -> dict:
-    from detexp.commands import train
+    from detexp.train import train
 
     hc = HydraConfig.get()
     return train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
@@ -54,14 +54,14 @@ def _run_eval(cfg: DictConfig) -> dict:
 
 
 def _run_predict(cfg: DictConfig) -> dict:
-    from detexp.evaluate import predict
+    from detexp.predict import predict
 
     hc = HydraConfig.get()
     return predict(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _run_data_check(cfg: DictConfig) -> int:
-    from detexp.commands import data_check
+    from detexp.data.commands import data_check
 
     errors = data_check(cfg)
     if errors:
@@ -70,7 +70,7 @@ def _run_data_check(cfg: DictConfig) -> int:
 
 
 def _run_data_synth(cfg: DictConfig):
-    from detexp.commands import data_synth
+    from detexp.data.commands import data_synth
 
     return data_synth(cfg)
 

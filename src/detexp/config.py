@@ -7,10 +7,14 @@ composes the config, in a second, naming the key - long before Ray starts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+log = logging.getLogger("detexp")
 
 
 @dataclass
@@ -124,7 +128,7 @@ class EvalConfig:
     """`detexp eval checkpoint=PATH`: metrics of a trained checkpoint on a dataset split.
 
     ``model`` and ``dataset`` start from the checkpoint's own config; only the keys given
-    on the command line replace them (see detexp.evaluate)."""
+    on the command line replace them (see detexp.checkpoints.effective_config)."""
 
     checkpoint: str | None = None  # a model_final.pt / checkpoint.pt, or a train run dir
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -167,3 +171,15 @@ def register_configs() -> None:
     cs.store(name="synth_schema", node=SynthCommandConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
+
+
+def fit_schema(schema: type, stored: Any, what: str | None = None) -> DictConfig:
+    """``stored`` (a config of another detexp version, say) on ``schema``: keys the schema
+    has and ``stored`` lacks get their defaults; keys it no longer has are dropped (and
+    named in a warning when ``what`` says what the config is)."""
+    values = OmegaConf.to_container(OmegaConf.create(stored), resolve=True) if not isinstance(stored, dict) else stored
+    known = schema.__dataclass_fields__
+    dropped = sorted(k for k in values if k not in known)
+    if dropped and what:
+        log.warning("%s has keys this detexp does not know, ignored: %s", what, ", ".join(dropped))
+    return OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in values.items() if k in known})

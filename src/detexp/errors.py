@@ -1,7 +1,7 @@
 """Errors meant for the person running detexp: the message names the key or file and
-what is wrong, and the command line prints it as one line instead of a traceback."""
+what is wrong, and the command line prints it as one line instead of a traceback.
 
-from detexp.data.voc import DatasetError
+This module imports nothing of detexp, so every layer may raise these."""
 
 
 class DetexpError(Exception):
@@ -12,6 +12,10 @@ class ConfigError(DetexpError, ValueError):
     """A config value that cannot work (names the key)."""
 
 
+class DatasetError(DetexpError, ValueError):
+    """A dataset that cannot be used; the message names the file or key and what is wrong."""
+
+
 class ResourceError(DetexpError):
     """More workers, CPUs or GPUs asked for than the Ray cluster has."""
 
@@ -20,4 +24,8 @@ class TrackingError(DetexpError):
     """The MLflow tracking server cannot be reached."""
 
 
-USER_ERRORS = (DetexpError, DatasetError)
+class TrainingDivergedError(DetexpError):
+    """The loss became NaN or infinite."""
+
+
+USER_ERRORS = (DetexpError,)

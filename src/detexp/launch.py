@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -107,10 +107,10 @@ class _Forward(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions):
         rank, exc = min(worker_exceptions.items(), key=lambda item: item[0])
-        self.queue.put({"failure": {"rank": rank, "error": _last_line(exc)}})
+        self.queue.put({"failure": {"rank": rank, "error": describe_failure(exc)}})
 
 
-def _last_line(exc: BaseException, limit: int = 160) -> str:
+def describe_failure(exc: BaseException, limit: int = 160) -> str:
     """One line about a worker failure: ``Type: first line`` of an exception raised by our
     code (Ray Train hands it over wrapped, with its traceback as the text), otherwise the
     telling line of Ray's message, cut after its first sentence when it runs on."""
@@ -137,12 +137,14 @@ def fit(
     keep: int,
     on_report: Callable[[dict[str, Any], str | None], None],
     on_failure: Callable[[int, str], None] | None = None,
+    callbacks: Sequence[UserCallback] = (),
 ) -> ray.train.Result:
     """Run the TorchTrainer; ``on_report(metrics, checkpoint_path)`` is called on the
     driver for every epoch, as it finishes, and ``on_failure(rank, error)`` when a worker
     fails (Ray Train then restarts the workers from the last checkpoint, up to
     ``scaling.max_failures`` times). Re-using ``storage_path`` and ``name`` resumes from
-    the last checkpoint of that run."""
+    the last checkpoint of that run. ``callbacks``: more Ray Train callbacks (a Tune
+    trial passes ``TuneReportCallback`` here)."""
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
 
@@ -174,7 +176,7 @@ def fit(
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            callbacks=[_Forward(queue)],
+            callbacks=[_Forward(queue), *callbacks],
         ),
         datasets=datasets,
         dataset_config=_ValidationNotDropped(datasets_to_split=["train"]),

@@ -112,3 +112,55 @@ def load_model_state(path: str | Path, num_classes: int | None = None) -> dict[s
             f"the dataset has {num_classes - 1}"
         )
     return state
+
+
+def build_inference_model(model_cfg: Any, num_classes: int) -> torch.nn.Module:
+    """The architecture training used for ``model_cfg``, with random weights: the
+    checkpoint supplies all of them, so torchvision's pretrained weights are never read
+    (or downloaded) here."""
+    from omegaconf import OmegaConf
+
+    from detexp.config import ModelConfig, fit_schema
+
+    # On the schema: a checkpoint of an older detexp lacks keys that build_detector reads.
+    cfg = fit_schema(ModelConfig, model_cfg)
+    model = build_detector(OmegaConf.merge(cfg, {"weights": None, "weights_backbone": None, "checkpoint": None}), num_classes)
+    _norms_as_trained(model, cfg)
+    return model
+
+
+def _norms_as_trained(model: torch.nn.Module, cfg: Any) -> None:
+    """Given pretrained weights, torchvision's v1 builders make the backbone's norms
+    FrozenBatchNorm2d, with eps 0 for fasterrcnn_resnet50_fpn's COCO_V1 weights; built
+    without weights they are BatchNorm2d (eps 1e-5). Redo what the builder did, so that
+    the numbers are those of the model that was trained."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if cfg.name == "fasterrcnn_resnet50_fpn_v2" or (cfg.weights is None and cfg.weights_backbone is None):
+        return
+    weights = _weight(BUILDERS[cfg.name][1], cfg.weights, "model.weights")
+    eps = 0.0 if weights == tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1 else 1e-5
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, name, FrozenBatchNorm2d(child.num_features, eps=eps))
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Any = "checkpoint") -> None:
+    """Load ``state`` into ``model``, refusing weights that do not fit with one line that
+    names ``path``."""
+    # A plain state dict (model.checkpoint) may come from a BatchNorm2d model and carry
+    # num_batches_tracked counters, or lack them: neither matters in eval mode.
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ConfigError(f"checkpoint={path} does not fit this model config: {detail}; is model.name right?") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise ConfigError(
+            f"checkpoint={path} does not fit this model config: {len(missing)} missing and "
+            f"{len(unexpected)} unexpected weights (e.g. {example}); is model.name right?"
+        )

@@ -158,3 +158,11 @@ def default_tags(command: str, overrides: list[str]) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def inference_tags(command: str, overrides: list[str] | None, checkpoint: Any, train_run_id: str | None) -> dict[str, str]:
+    """Tags of an ``eval`` or ``predict`` run: which checkpoint, and the training run it came from."""
+    tags = {**default_tags(command, list(overrides or [])), "detexp.checkpoint": str(checkpoint)}
+    if train_run_id:
+        tags["detexp.train_run_id"] = train_run_id
+    return tags

@@ -20,14 +20,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from detexp.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 from detexp.data.pipeline import batch_to_tensors
 from detexp.engine import NonFiniteLossError, predict, train_one_epoch
 from detexp.metrics import DetectionEvaluator
 from detexp.models import build_detector
 from detexp.optim import build_optimizer, build_scheduler, build_warmup
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
 # Key of the report a worker sends instead of an epoch's metrics when the loss diverged.
 DIVERGED = "diverged"
 

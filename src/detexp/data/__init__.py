@@ -1,2 +1,3 @@
-"""Data: VOC-format parsing and checks (voc), the Ray Data pipeline (pipeline), the
-generated shapes dataset (shapes), and where a config's images come from (source)."""
+"""Data: the VOC folder layout (voc), parsing and checks (parsing), problem tables
+(problems), the Ray Data pipeline (annotations, pipeline), the generated shapes dataset
+(shapes), which folder a config means (source), and the ``data`` commands (commands)."""

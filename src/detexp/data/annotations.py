@@ -19,7 +19,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.data.expressions import col
 
-from detexp.data.voc import Problem, parse_record
+from detexp.data.parsing import parse_record
+from detexp.data.voc import Problem
 
 ANNOTATION_SCHEMA = pa.schema(
     [
