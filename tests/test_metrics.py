@@ -165,6 +165,38 @@ def test_eleven_point_and_area_differ():
     assert voc_ap(np.array([0.5, 0.5]), np.array([1.0, 0.5]), use_07_metric=False) == 0.5
 
 
+def test_eleven_point_uses_the_published_code_recall_points():
+    # 10 objects; ranking TP, TP, TP, FP, FP, FP, TP: recall 1/10, 2/10, 3/10, 3/10, 3/10, 3/10,
+    # 4/10 and precision 1, 1, 1, 3/4, 3/5, 1/2, 4/7. Recall 3/10 is the double 0.3, below the
+    # published code's fourth point 0.30000000000000004.
+    # Published points: t = 0, 0.1, 0.2 see precision 1; t = 0.30000000000000004 and 0.4 see
+    # only the recall-4/10 point, 4/7; t >= 0.5 nothing. (3 + 2 * 4/7) / 11 = 29/77 = 0.376623...
+    # Exact k/10 (detexp before issue 14): t = 0.3 would also see precision 1:
+    # (4 + 4/7) / 11 = 32/77 = 0.415584..., 3/77 = 0.038961 more.
+    # The area (VOC12) has no points: 3/10 * 1 + 1/10 * 4/7 = 5/14 either way.
+    objects = [[10 + 60 * i, 10, 55 + 60 * i, 60] for i in range(10)]
+    misses = [[10 + 60 * i, 200, 55 + 60 * i, 250] for i in range(3)]  # overlap no object
+    boxes = objects[:3] + misses + objects[3:4]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    images = [(det(boxes, scores, [1] * 7), gt(objects, [1] * 10))]
+    m = evaluate(images, classes=("cat",))
+    assert m["per_class"]["cat"]["voc07_ap"] == pytest.approx(29 / 77, abs=1e-12)
+    assert m["voc07_map"] == pytest.approx(29 / 77, abs=1e-12)
+    assert m["voc07_map"] != pytest.approx(32 / 77)
+    assert m["voc12_map"] == pytest.approx(5 / 14, abs=1e-12)
+
+    evaluator = DetectionEvaluator(["cat"])
+    evaluator.update(*zip(*images, strict=True))
+    recall, precision = evaluator.pr_curves()["cat"]
+    assert recall[2] == 0.3  # exactly the double 0.3, so the float point matters
+    np.testing.assert_allclose(precision, [1, 1, 1, 3 / 4, 3 / 5, 1 / 2, 4 / 7])
+    # The same at 6/10 and 7/10 (0.6000000000000001, 0.7000000000000001): a recall reaching
+    # exactly 7/10 at precision 1 sees 7 of the 11 points, not 8.
+    assert voc_ap(np.array([0.7]), np.array([1.0]), use_07_metric=True) == pytest.approx(7 / 11)
+    assert voc_ap(np.array([0.6]), np.array([1.0]), use_07_metric=True) == pytest.approx(6 / 11)
+    assert voc_ap(np.array([0.5]), np.array([1.0]), use_07_metric=True) == pytest.approx(6 / 11)
+
+
 def test_iou_uses_the_devkit_plus_one_pixel_convention():
     # Object [0,0,3,3], detection [1,0,4,3].
     # Continuous: intersection 2*3 = 6, union 9 + 9 - 6 = 12, IoU 0.5 -> not > 0.5, a miss.
@@ -272,8 +304,23 @@ def random_voc_split(seed: int, num_images: int = 50):
     return images
 
 
-def reference_voc_ap(images, label: int, use_07_metric: bool) -> float:
-    """Straight transcription of the devkit's per-detection loop (voc_eval.py style)."""
+# The 11 recall points of py-faster-rcnn's voc_eval.py and Detectron2, as numpy rounds them:
+# 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 are above 3/10, 6/10 and 7/10.
+PUBLISHED_VOC07_POINTS = np.arange(0.0, 1.1, 0.1)
+EXACT_TENTHS = [k / 10 for k in range(11)]  # what detexp used before issue 14
+
+
+def reference_voc_ap(
+    images, label: int, use_07_metric: bool, recall_points=PUBLISHED_VOC07_POINTS
+) -> float:
+    """py-faster-rcnn voc_eval.py's rules, one detection at a time in plain Python.
+
+    Detections of the class sorted by descending score; each takes the same-image object of the
+    class with the highest IoU (+1 pixel areas, first of equal maxima); IoU > 0.5 on a difficult
+    object is neither TP nor FP, on an unmatched object a TP (the object is then used up), on a
+    used one an FP; anything else is an FP. 11-point AP at ``recall_points``, or the area under
+    the PR curve with the monotone precision envelope.
+    """
     objects = {}
     npos = 0
     for index, (_, target) in enumerate(images):
@@ -334,8 +381,8 @@ def reference_voc_ap(images, label: int, use_07_metric: bool) -> float:
 
     if use_07_metric:
         total = 0.0
-        for k in range(11):
-            reached = [p for r, p in zip(recall, precision, strict=True) if r >= k / 10]
+        for point in recall_points:
+            reached = [p for r, p in zip(recall, precision, strict=True) if r >= point]
             total += max(reached) if reached else 0.0
         return total / 11
     # Walk from the highest recall down, carrying the best precision seen so far.
@@ -350,22 +397,44 @@ def reference_voc_ap(images, label: int, use_07_metric: bool) -> float:
 @pytest.fixture(scope="module")
 def split():
     # seed 16 has recalls landing exactly on COCO's recall points, where float32 thresholds
-    # would shift map_50 by 2.5e-3
+    # would shift map_50 by 2.5e-3, and "bird" (30 objects) tops out at recall exactly 18/30,
+    # below the published 0.6000000000000001: exact tenths would give it 0.033 more VOC07 AP
     images = random_voc_split(seed=16)
     return images, evaluate(images)
 
 
-def test_voc_map_agrees_with_a_reference_implementation(split):
-    images, metrics = split
+def assert_voc_agrees_with_reference(images, metrics):
+    """Per-class VOC07 and VOC12 AP, and their means, equal reference_voc_ap's to 1e-9."""
     for use_07_metric, key in ((True, "voc07_map"), (False, "voc12_map")):
         per_class = [reference_voc_ap(images, label, use_07_metric) for label in (1, 2, 3)]
         for name, expected in zip(CLASSES, per_class, strict=True):
             assert metrics["per_class"][name][key.replace("map", "ap")] == pytest.approx(
-                expected, abs=1e-3
-            )
-        assert metrics[key] == pytest.approx(np.nanmean(per_class), abs=1e-3)
+                expected, abs=1e-9
+            ), (name, key)
+        assert metrics[key] == pytest.approx(np.nanmean(per_class), abs=1e-9), key
+
+
+def test_voc_map_agrees_with_a_reference_implementation(split):
+    images, metrics = split
+    assert_voc_agrees_with_reference(images, metrics)
     # the split is not trivial: the numbers are neither perfect nor zero
     assert 0.2 < metrics["voc12_map"] < 0.95
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_voc_ap_agrees_with_voc_eval_rules_on_a_large_split(seed):
+    # 300 images, ~170 non-difficult objects a class. In both seeds "cat" has 185 objects, and
+    # its recall reaches exactly 111/185 = 6/10 just before precision drops, so exact tenths
+    # would score it higher (by ~3e-4): the comparison pins the published points, not just the
+    # matching rules. Scores are continuous, so no ties (voc_eval.py's argsort is not stable).
+    images = random_voc_split(seed=seed, num_images=300)
+    metrics = evaluate(images)
+    assert_voc_agrees_with_reference(images, metrics)
+    differs = [
+        abs(reference_voc_ap(images, label, True, EXACT_TENTHS) - c["voc07_ap"]) > 1e-6
+        for label, c in enumerate(metrics["per_class"].values(), start=1)
+    ]
+    assert any(differs)
 
 
 def test_coco_map_agrees_with_pycocotools(split):

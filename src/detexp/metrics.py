@@ -8,10 +8,12 @@ images) and reports:
   torchmetrics semantics: -1 where undefined, at most 100 detections per image and class, boxes
   in continuous coordinates. VOC ``difficult`` objects are passed as COCO ``iscrowd``, so
   detections on them are ignored rather than counted as false positives.
-- ``voc07_map`` (11-point interpolated AP) and ``voc12_map`` (area under the monotone PR curve),
-  both at IoU 0.5 following the official VOC devkit: difficult objects are ignored, IoU uses
-  the devkit's +1 pixel convention, a match needs IoU strictly greater than the threshold,
-  duplicates are false positives and every detection counts (no per-image cap).
+- ``voc07_map`` (11-point interpolated AP, at the recall points of py-faster-rcnn's
+  voc_eval.py and Detectron2: ``np.arange(0.0, 1.1, 0.1)``, float rounding included) and
+  ``voc12_map`` (area under the monotone PR curve, devkit 2010+), both at IoU 0.5 following
+  the official VOC devkit: difficult objects are ignored, IoU uses the devkit's +1 pixel
+  convention, a match needs IoU strictly greater than the threshold, duplicates are false
+  positives and every detection counts (no per-image cap).
 - ``per_class``: each class's ``ap``, ``ap_50``, ``voc07_ap``, ``voc12_ap``, ``num_gt``
   (non-difficult objects) and ``num_det``.
 
@@ -38,18 +40,22 @@ COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 _COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
 _COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
 
-# Exactly k/10. voc_eval.py's np.arange(0, 1.1, 0.1) makes the 0.3 threshold 0.30000000000000004,
-# so a recall of exactly 3/10 would miss it; the devkit means "recall >= 0.3".
-_VOC07_RECALL_POINTS = np.arange(11) / 10.0
+# The published code's recall points, float rounding included: py-faster-rcnn's voc_eval.py and
+# Detectron2 use np.arange(0.0, 1.1, 0.1) (MMDetection's np.arange(0, 1 + 1e-3, 0.1) gives the
+# same values), whose 0.3, 0.6 and 0.7 are 0.30000000000000004, 0.6000000000000001 and
+# 0.7000000000000001. A recall of exactly 3/10 (24 of 80 objects) then misses the 0.3 point. The
+# VOC07 figures users compare against are what that code computes, so we use its points rather
+# than exact k/10 (issue 14: those gave 0.5769 on a trained model where voc_eval.py gives 0.5752).
+_VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
     """VOC devkit AP of one class from its cumulative recall/precision (detections by score).
 
     ``use_07_metric=True``: VOC2007 11-point interpolation, the mean over t in {0, 0.1, ..., 1}
-    of the best precision at recall >= t. Otherwise (VOC2010+, "voc12"): the area under the
-    PR curve after making precision monotone (the maximum of everything to its right).
-    Empty arrays give 0.
+    (as ``np.arange(0.0, 1.1, 0.1)`` rounds them, see ``_VOC07_RECALL_POINTS``) of the best
+    precision at recall >= t. Otherwise (VOC2010+, "voc12"): the area under the PR curve after
+    making precision monotone (the maximum of everything to its right). Empty arrays give 0.
     """
     recall = np.asarray(recall, dtype=np.float64)
     precision = np.asarray(precision, dtype=np.float64)
