@@ -8,14 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_train
 from detexp.errors import ConfigError
 from detexp.train import check_train_config
+from detexp.tune import check_tune_config
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+EXPERIMENTS_DIR = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
 
 def test_there_are_experiments():
@@ -24,8 +27,11 @@ def test_there_are_experiments():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name):
-    cfg = compose_train([f"+experiment={name}"])
-    check_train_config(cfg)
+    # An experiment with a `tune` section is a search: `detexp tune +experiment=NAME`.
+    if "tune" in (yaml.safe_load((EXPERIMENTS_DIR / f"{name}.yaml").read_text()) or {}):
+        check_tune_config(compose_train([f"+experiment={name}"], config_name="tune"))
+    else:
+        check_train_config(compose_train([f"+experiment={name}"]))
 
 
 def test_voc_tutorial_is_the_tutorial_recipe():

@@ -244,7 +244,7 @@ def test_checkpoint_errors_are_one_line_before_ray(tmp_path):
     cases = [
         ([f"checkpoint={tmp_path / 'missing.pt'}"], "checkpoint not found"),
         ([], "checkpoint is not set"),
-        ([f"checkpoint={tmp_path / 'empty'}"], "a folder without model_final.pt"),
+        ([f"checkpoint={tmp_path / 'empty'}"], "a folder without model_best.pt or model_final.pt"),
         ([f"checkpoint={tmp_path / 'notes.txt'}"], "not a PyTorch checkpoint"),
         ([f"checkpoint={tmp_path / 'other.pt'}"], "not a detexp checkpoint"),
         ([f"checkpoint={good}", "dataset.classes=[cat,dog]"], "predicts 4 classes \\+ background, the dataset has 2"),

@@ -3,10 +3,6 @@ SQLite store: what a user sees after ``python -m detexp train +experiment=smoke`
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -40,7 +36,9 @@ def test_smoke_run_logs_everything(ray_cluster, smoke_cfg, tmp_path, workers):
     assert run.data.metrics["data/train_images"] == cfg.dataset.synth.num_train
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/model_final.pt"]
+    checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert checkpoints == ["checkpoints/model_best.pt", "checkpoints/model_final.pt"]
+    assert run.data.metrics["best/epoch"] in (0, 1) and "best/val_map_50" in run.data.metrics
 
     # the checkpoint holds the unwrapped model (no "module." prefix with DDP) and loads safely
     ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
@@ -48,24 +46,3 @@ def test_smoke_run_logs_everything(ray_cluster, smoke_cfg, tmp_path, workers):
     assert {"model", "optimizer", "lr_scheduler", "config", "epoch"} <= ckpt.keys()
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["scaling"]["num_workers"] == workers
-
-
-def test_cli_two_workers_prints_progress_not_ray_internals(tmp_path, shapes_cache):
-    """``python -m detexp train +experiment=smoke scaling.num_workers=2`` as a user types it."""
-    out = subprocess.run(
-        [
-            sys.executable, "-m", "detexp", "train", "+experiment=smoke", "scaling.num_workers=2",
-            f"dataset.cache_dir={shapes_cache}", "hydra.run.dir=run",
-        ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text[-3000:]
-    assert re.search(r"^epoch 1/2 .*steps/s.*val map .*ETA", text, re.M), text
-    assert re.search(r"^epoch 2/2 ", text, re.M)
-    for noise in ("PlacementGroupCleaner", "State API", "Traceback", "RayTrainWorker pid=", "TrainController pid="):
-        assert noise not in text, noise
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in text
-    assert len(text.splitlines()) < 40, text  # a screenful, not Ray's internals
-    assert (tmp_path / "run" / "model_final.pt").is_file()
-    assert (tmp_path / "run" / "config.yaml").is_file()

@@ -18,7 +18,8 @@ USAGE = """\
 usage: python -m detexp <command> [overrides...]
 
 commands:
-  train        train a detector (Ray Train), log to MLflow
+  train        train a detector (Ray Train), log to MLflow; -m sweeps as one MLflow parent run
+  tune         Ray Tune search over train keys (ASHA, Optuna): tune tune.num_samples=N [tune.search_space=...]
   eval         mAP, per-class AP, PR curves of a checkpoint: eval checkpoint=PATH [dataset.val_split=...]
   predict      draw detections on images: predict checkpoint=PATH input=DIR_OR_IMAGE [score_threshold=0.5]
   data synth   write the generated shapes dataset: data synth out=DIR [synth.num_train=N ...]
@@ -31,6 +32,7 @@ Examples:
   python -m detexp train +experiment=smoke scaling.num_workers=2
   python -m detexp train dataset=voc dataset.root=~/data/VOCdevkit/VOC2012 scaling.num_workers=8 scaling.use_gpu=true
   python -m detexp train -m optimizer.lr=0.01,0.02 schedule.lr_steps='[16,22]','[8,11]'
+  python -m detexp tune +experiment=smoke tune.num_samples=4
   python -m detexp data check dataset=voc dataset.root=~/data/VOCdevkit/VOC2012
   python -m detexp eval checkpoint=runs/train/2024-01-01_12-00-00/model_final.pt
   python -m detexp predict checkpoint=runs/train/2024-01-01_12-00-00 input=~/photos
@@ -40,10 +42,18 @@ log = logging.getLogger("detexp")
 
 
 def _run_train(cfg: DictConfig) -> dict:
+    from detexp.sweeps import parent_tags
     from detexp.train import train
 
     hc = HydraConfig.get()
-    return train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    return train(cfg, hc.runtime.output_dir, list(hc.overrides.task), tags=parent_tags())
+
+
+def _run_tune(cfg: DictConfig) -> dict:
+    from detexp.tune import tune
+
+    hc = HydraConfig.get()
+    return tune(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _run_eval(cfg: DictConfig) -> dict:
@@ -78,6 +88,7 @@ def _run_data_synth(cfg: DictConfig):
 # command words -> (config name, function of the composed config)
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[DictConfig], object]]] = {
     ("train",): ("train", _run_train),
+    ("tune",): ("tune", _run_tune),
     ("eval",): ("eval", _run_eval),
     ("predict",): ("predict", _run_predict),
     ("data", "check"): ("train", _run_data_check),
@@ -85,14 +96,22 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[DictConfig], object]]] = {
 }
 
 
+class JobFailed(Exception):
+    """One job of a `-m` sweep failed with a user error (already printed); the sweep goes on."""
+
+
 def _guarded(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
     def task(cfg: DictConfig):
+        from hydra.types import RunMode
+
         from detexp.errors import USER_ERRORS
 
         try:
             return fn(cfg)
         except USER_ERRORS as exc:
             log.error("error: %s", exc)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise JobFailed(str(exc).splitlines()[0]) from None  # Hydra records it, runs the rest
             raise SystemExit(2) from None
 
     return task
@@ -111,7 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     config_name, fn = COMMANDS[words]
     register_configs()
     sys.argv = [f"detexp {' '.join(words)}", *argv[len(words):]]
-    hydra.main(version_base="1.3", config_path="conf", config_name=config_name)(_guarded(fn))()
+    try:
+        hydra.main(version_base="1.3", config_path="conf", config_name=config_name)(_guarded(fn))()
+    except KeyboardInterrupt:
+        _finish(interrupted=True)
+        raise
+    finally:
+        _finish()
+
+
+def _finish(interrupted: bool = False) -> None:
+    """Close a sweep's parent run however the sweep ended, and stop the Ray this process
+    started, so that no Ray process outlives the command."""
+    if "detexp.sweeps" in sys.modules:
+        sys.modules["detexp.sweeps"].finish_sweep(interrupted)
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

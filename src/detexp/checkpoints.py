@@ -1,10 +1,12 @@
 """Checkpoints on disk: what ``train`` writes, how ``resume``, ``eval`` and ``predict``
 find and read them, and how a checkpoint's stored config meets the command line.
 
-A train run directory holds ``model_final.pt`` (the last epoch), ``mlflow_run_id``, and
-Ray Train's own ``checkpoints/train/checkpoint_<time>/checkpoint.pt``. Every such file is one
+A train run directory holds ``model_final.pt`` (the last epoch), ``model_best.pt`` (the
+best epoch by ``schedule.monitor``, when validation ran), ``mlflow_run_id``, and Ray
+Train's own ``checkpoints/train/checkpoint_<time>/checkpoint.pt``. Every such file is one
 ``torch.save`` dict: ``format``, ``model``, ``optimizer``, ``lr_scheduler``, ``config``
-(the resolved train config), ``epoch`` (0-based) and ``classes``.
+(the resolved train config), ``epoch`` (0-based), ``best`` (the best epoch so far and
+the patience count) and ``classes``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ BEST_FILE = "model_best.pt"
 RUN_ID_FILE = "mlflow_run_id"  # a training run directory's MLflow run id
 TRAIN_NAME = "train"  # RunConfig(name): checkpoints live in <storage>/train
 # File names a run directory of `train` may hold, in the order eval prefers them.
-CHECKPOINT_NAMES = (FINAL_FILE, CHECKPOINT_FILE)
+CHECKPOINT_NAMES = (BEST_FILE, FINAL_FILE, CHECKPOINT_FILE)
 
 
 # -- reading a checkpoint file ----------------------------------------------------------------
@@ -48,8 +50,9 @@ class CheckpointInfo:
 
 
 def find_checkpoint(path: str | None, key: str = "checkpoint") -> Path:
-    """The checkpoint file ``path`` names: a file, or a train run directory holding
-    ``model_final.pt`` (or a Ray checkpoint directory holding ``checkpoint.pt``)."""
+    """The checkpoint file ``path`` names: a file, or a train run directory (its
+    ``model_best.pt``, else ``model_final.pt``), or a Ray checkpoint directory holding
+    ``checkpoint.pt``."""
     if not path:
         raise ConfigError(f"{key} is not set: pass {key}=PATH to a model_final.pt written by `detexp train`")
     p = Path(path).expanduser()

@@ -86,6 +86,12 @@ class ScheduleConfig:
     warmup_iters: int = 250
     warmup_factor: float = 0.001
     grad_clip_norm: float | None = None
+    # Best epoch: every run keeps model_best.pt, the epoch with the best `monitor` (a val/
+    # metric; `monitor_mode` max or min). patience: stop after this many epochs without
+    # improvement (null = train all epochs).
+    monitor: str = "val/map_50"
+    monitor_mode: str = "max"
+    patience: int | None = None
 
 
 @dataclass
@@ -121,6 +127,30 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     checkpoints_to_keep: int = 2
+
+
+@dataclass
+class TuneSettings:
+    """`detexp tune`: a Ray Tune search over train keys (see detexp.tune)."""
+
+    # {dotted train key: {loguniform|uniform: [low, high]} or {choice|grid: [values...]}}.
+    # null = {optimizer.lr: {loguniform: [1e-3, 1e-1]}, schedule.lr_steps: {choice: [[16, 22], [8, 11]]}}
+    search_space: Any = None
+    num_samples: int = 4  # trials (with grid: repeats of every combination)
+    search: str = "random"  # random | grid | optuna (Optuna's TPE through Ray Tune)
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1  # ASHA: epochs every trial trains before it may be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    metric: str = "val/map_50"
+    mode: str = "max"
+    max_concurrent_trials: int | None = None  # null = as many as the cluster fits
+
+
+@dataclass
+class TuneCommandConfig(TrainConfig):
+    """`detexp tune`: the train config every trial starts from, plus the search."""
+
+    tune: TuneSettings = field(default_factory=TuneSettings)
 
 
 @dataclass
@@ -169,6 +199,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="synth_schema", node=SynthCommandConfig)
+    cs.store(name="tune_schema", node=TuneCommandConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
 

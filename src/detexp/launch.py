@@ -102,8 +102,7 @@ class _Forward(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        path = checkpoint.path if checkpoint is not None else None
-        self.queue.put({"metrics": metrics[0], "checkpoint": path})
+        self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint})
 
     def after_exception(self, run_context, worker_exceptions):
         rank, exc = min(worker_exceptions.items(), key=lambda item: item[0])
@@ -135,11 +134,11 @@ def fit(
     storage_path: str,
     name: str,
     keep: int,
-    on_report: Callable[[dict[str, Any], str | None], None],
+    on_report: Callable[[dict[str, Any], ray.train.Checkpoint | None], None],
     on_failure: Callable[[int, str], None] | None = None,
     callbacks: Sequence[UserCallback] = (),
 ) -> ray.train.Result:
-    """Run the TorchTrainer; ``on_report(metrics, checkpoint_path)`` is called on the
+    """Run the TorchTrainer; ``on_report(metrics, checkpoint)`` is called on the
     driver for every epoch, as it finishes, and ``on_failure(rank, error)`` when a worker
     fails (Ray Train then restarts the workers from the last checkpoint, up to
     ``scaling.max_failures`` times). Re-using ``storage_path`` and ``name`` resumes from

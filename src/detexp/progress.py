@@ -1,18 +1,22 @@
 """The driver's view of a training run: one line per epoch for people, the same numbers
-into MLflow (each epoch once, also across resumes), and what worker failures mean."""
+into MLflow (each epoch once, also across resumes), the best epoch's checkpoint copied to
+``model_best.pt`` as soon as it is reported, and what worker failures mean."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from detexp.checkpoints import SavedCheckpoint
+from detexp.checkpoints import BEST_FILE, SavedCheckpoint, copy_checkpoint_file
 
 log = logging.getLogger("detexp")
 
 EPOCH_KEY = "epoch"  # MLflow metric logged with every epoch (step = the 0-based epoch)
+# Report keys that steer the driver rather than describe the epoch: not logged as metrics.
+_CONTROL_KEYS = ("epoch", "epochs_done", "improved", "stopped_early", "best/epoch", "best/value")
 
 
 class EpochProgress:
@@ -29,6 +33,8 @@ class EpochProgress:
         logged: set[int],
         previous: SavedCheckpoint | None,
         callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        run_dir: Path | None = None,
+        monitor: str = "val/map_50",
     ):
         self.epochs = epochs
         self.max_failures = max_failures
@@ -37,22 +43,25 @@ class EpochProgress:
         self.started = time.perf_counter()
         self.done = 0
         self.failures = 0
-        self.last: dict[str, Any] = {}
+        self.last: dict[str, Any] = previous.metrics if previous is not None else {}
         self.last_epoch = previous.epoch if previous is not None else None
         self.diverged: tuple[int, dict[str, Any]] | None = None
         self.callbacks = list(callbacks)
+        self.best_file = run_dir / BEST_FILE if run_dir is not None else None
+        self.monitor = monitor
 
     def backfill(self, previous: SavedCheckpoint) -> None:
         """Log the epochs whose checkpoint Ray kept but whose metrics never reached MLflow
         (the previous process died between the two)."""
-        for _, metrics in previous.kept:
+        for checkpoint, metrics in previous.kept:
             epoch = int(metrics["epoch"])
             if epoch not in self.logged:
                 self._log(epoch, metrics)
                 log.info("recorded epoch %d/%d from its checkpoint (the previous process stopped first)",
                          epoch + 1, self.epochs)
+            self._keep_best(metrics, checkpoint)
 
-    def on_report(self, metrics: dict[str, Any], checkpoint: str | None) -> None:
+    def on_report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
         from detexp.worker import DIVERGED
 
         epoch = int(metrics["epoch"])
@@ -60,6 +69,7 @@ class EpochProgress:
             self.diverged = (epoch, metrics[DIVERGED])
             return
         self.last, self.last_epoch = metrics, epoch
+        self._keep_best(metrics, checkpoint)
         if epoch in self.logged:
             log.warning("epoch %d/%d was trained again after a restart; MLflow keeps its first record",
                         epoch + 1, self.epochs)
@@ -70,17 +80,37 @@ class EpochProgress:
         eta = per_epoch * (self.epochs - epoch - 1)
         parts = " ".join(f"{short} {metrics.get('train/' + k, float('nan')):.3f}" for k, short in self.SHORT.items())
         log.info(
-            "epoch %d/%d  loss %.3f (%s)  lr %.4g  %.2f steps/s  val map %.3f map_50 %.3f  ETA %s",
+            "epoch %d/%d  loss %.3f (%s)  lr %.4g  %.2f steps/s  val map %.3f map_50 %.3f%s  ETA %s",
             epoch + 1, self.epochs, metrics.get("train/loss", float("nan")), parts, metrics.get("train/lr", 0.0),
             metrics.get("train/steps_per_s", 0.0), metrics.get("val/map", float("nan")),
-            metrics.get("val/map_50", float("nan")), duration(eta),
+            metrics.get("val/map_50", float("nan")), " (best)" if metrics.get("improved") else "",
+            duration(0 if metrics.get("stopped_early") else eta),
         )
         for callback in self.callbacks:
             callback(metrics)
 
+    def _keep_best(self, metrics: dict[str, Any], checkpoint: Any) -> None:
+        if self.best_file is not None and metrics.get("improved") and checkpoint is not None:
+            copy_checkpoint_file(checkpoint, self.best_file)
+
     def _log(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"} | {EPOCH_KEY: epoch}, step=epoch)
+        values = {k: v for k, v in metrics.items() if k not in _CONTROL_KEYS} | {EPOCH_KEY: epoch}
+        if metrics.get("best/value") is not None:
+            values["best/epoch"] = metrics["best/epoch"]
+            values["best/" + self.monitor.replace("/", "_")] = metrics["best/value"]
+        self.tracker.log_metrics(values, step=epoch)
         self.logged.add(epoch)
+
+    def stop_reason(self, patience: int | None) -> str:
+        """Why the run ended, in words, from its last report."""
+        last = self.last
+        if last.get("stopped_early"):
+            return (
+                f"early stop: {self.monitor} did not improve for {patience} epoch(s) after epoch "
+                f"{int(last['best/epoch']) + 1} ({last['best/value']:.4f}); trained {int(last['epoch']) + 1} "
+                f"of {self.epochs} epochs"
+            )
+        return f"completed {self.epochs} epochs"
 
     def on_failure(self, rank: int, error: str) -> None:
         self.failures += 1

@@ -2,7 +2,8 @@
 
 A relative SQLite URI (the default ``sqlite:///mlflow.db``) is made absolute against the
 directory the command was started from, so every process and the printed ``mlflow ui``
-command point at the same file.
+command point at the same file. Tune trials write to one SQLite store from several
+processes at once; a write that finds the database locked is retried, not lost.
 """
 
 from __future__ import annotations
@@ -26,6 +27,32 @@ log = logging.getLogger(__name__)
 
 # MLflow caps a param value at 6000 characters; longer values are truncated, with a mark.
 _PARAM_MAX = 6000
+_LOCKED_RETRIES = 10  # about 50 s of backoff in all: SQLite's lock is held for milliseconds
+
+
+class _RetryingClient:
+    """An MlflowClient whose calls are retried when another process holds SQLite's write
+    lock (a locked write did not commit, so calling again is safe)."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            for attempt in range(_LOCKED_RETRIES + 1):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy's OperationalError
+                    if "database is locked" not in str(exc) or attempt == _LOCKED_RETRIES:
+                        raise
+                    time.sleep(min(0.1 * 2**attempt, 10.0))
+            return None
+
+        return call
 
 
 def resolve_uri(uri: str) -> str:
@@ -90,7 +117,7 @@ class Tracker:
         check_reachable(self.uri)
         for name in ("mlflow", "alembic"):  # schema-migration chatter on a new store
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = _RetryingClient(MlflowClient(tracking_uri=self.uri))
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
             found.experiment_id
@@ -140,6 +167,12 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+    def end_run(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        """Tag and end another run of this store (a Tune trial the scheduler stopped)."""
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, status=status)
 
     def ui_command(self) -> str:
         if self.uri.startswith(("http://", "https://")):

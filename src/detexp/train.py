@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from detexp.checkpoints import (
+    BEST_FILE,
     FINAL_FILE,
     RUN_ID_FILE,
     TRAIN_NAME,
@@ -51,6 +52,13 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} must be at least 1")
     if cfg.scaling.num_workers < 1 or cfg.scaling.cpus_per_worker < 1:
         raise ConfigError("scaling.num_workers and scaling.cpus_per_worker must be at least 1")
+    schedule = cfg.schedule
+    if not schedule.monitor.startswith("val/"):
+        raise ConfigError(f"schedule.monitor={schedule.monitor!r}: the best epoch is chosen on a validation metric, e.g. val/map_50")
+    if schedule.monitor_mode not in ("max", "min"):
+        raise ConfigError(f"schedule.monitor_mode={schedule.monitor_mode!r}: choose max or min")
+    if schedule.patience is not None and schedule.patience < 1:
+        raise ConfigError(f"schedule.patience={schedule.patience} must be at least 1 (or null: no early stop)")
 
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -95,16 +103,23 @@ def train(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_tags = {**default_tags("train", list(overrides)), **(tags or {})}
     epochs = cfg.schedule.epochs
-    if previous is not None and previous.epoch + 1 >= epochs:  # nothing to train: no Ray, no data
+    finished = previous is not None and (previous.epoch + 1 >= epochs or previous.metrics.get("stopped_early"))
+    if finished:  # nothing to train: no Ray, no data
         run_id = _start_or_resume_run(tracker, cfg, resolved, run_dir, run_tags)
-        progress = EpochProgress(epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous)
+        progress = _progress(cfg, tracker, previous, callbacks, run_dir)
         progress.backfill(previous)
-        log.info(
-            "the run in %s has finished all %d epochs already (its last checkpoint is of epoch %d); "
-            "nothing to train. Raise schedule.epochs to train it longer.", run_dir, epochs, previous.epoch + 1,
-        )
-        return _finish(tracker, run_id, previous.checkpoint, run_dir, previous.metrics)
+        if previous.metrics.get("stopped_early"):
+            log.info("the run in %s stopped early after epoch %d/%d (schedule.patience); nothing to train.",
+                     run_dir, previous.epoch + 1, epochs)
+        else:
+            log.info(
+                "the run in %s has finished all %d epochs already (its last checkpoint is of epoch %d); "
+                "nothing to train. Raise schedule.epochs to train it longer.", run_dir, epochs, previous.epoch + 1,
+            )
+        return _finish(tracker, run_id, previous.checkpoint, run_dir, progress, cfg)
     source = resolve(cfg.dataset)
+    if cfg.schedule.patience is not None and not source.val_ids:
+        raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
 
     launch.init_ray(cfg.ray.address, cfg.ray.verbose)
     launch.check_resources(cfg.scaling)
@@ -126,9 +141,7 @@ def train(
         if (run_dir / name).exists():
             tracker.log_artifact(run_dir / name, str(Path(name).parent) if "/" in name else None)
 
-    progress = EpochProgress(
-        epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous, callbacks
-    )
+    progress = _progress(cfg, tracker, previous, callbacks, run_dir)
     if previous is not None:
         progress.backfill(previous)
         log.info(
@@ -157,21 +170,45 @@ def train(
     if progress.diverged is not None:
         tracker.end("FAILED")
         raise _diverged(progress.diverged, result.checkpoint, epochs, run_dir)
-    if source.val_ids:  # per-class AP, PR curves, image grid of the final model, as `detexp eval`
+    if source.val_ids:  # per-class AP, PR curves, image grid of the best model, as `detexp eval`
         from detexp.evaluate import report_training
 
-        report_training(cfg, result.checkpoint, run_dir, tracker)
-    return _finish(tracker, run_id, result.checkpoint, run_dir, progress.last)
+        best = run_dir / BEST_FILE
+        report_training(cfg, best if best.is_file() else result.checkpoint, run_dir, tracker)
+    return _finish(tracker, run_id, result.checkpoint, run_dir, progress, cfg)
 
 
-def _finish(tracker, run_id: str, checkpoint, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def _progress(cfg: DictConfig, tracker, previous, callbacks, run_dir: Path) -> EpochProgress:
+    return EpochProgress(
+        cfg.schedule.epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous,
+        callbacks, run_dir, cfg.schedule.monitor,
+    )
+
+
+def _finish(tracker, run_id: str, checkpoint, run_dir: Path, progress: EpochProgress, cfg: DictConfig) -> dict[str, Any]:
+    """Copy and log the final (and best) checkpoint, say why the run stopped, end the MLflow run."""
     final = copy_checkpoint_file(checkpoint, run_dir / FINAL_FILE) if checkpoint is not None else None
-    if final is not None:
-        tracker.log_artifact(final, "checkpoints")
+    best = run_dir / BEST_FILE
+    for path in (final, best if best.is_file() else None):
+        if path is not None:
+            tracker.log_artifact(path, "checkpoints")
+    metrics = progress.last
+    reason = progress.stop_reason(cfg.schedule.patience)
+    tags = {"detexp.stop_reason": reason}
+    if metrics.get("best/epoch") is not None:
+        tags["detexp.best_epoch"] = str(int(metrics["best/epoch"]) + 1)
+    tracker.set_tags(tags)
     tracker.end("FINISHED")
-    log.info("done: run %s, last checkpoint %s", run_id, final)
+    log.info("done (%s): run %s, last checkpoint %s", reason, run_id, final)
+    if metrics.get("best/value") is not None:
+        log.info("best epoch %d: %s %.4f, checkpoint %s", int(metrics["best/epoch"]) + 1, cfg.schedule.monitor,
+                 metrics["best/value"], best)
     log.info("browse it with:  %s", tracker.ui_command())
-    return {**metrics, "run_id": run_id, "checkpoint": str(final) if final else None}
+    return {
+        **metrics, "run_id": run_id, "checkpoint": str(final) if final else None,
+        "best_checkpoint": str(best) if best.is_file() else None, "epochs_trained": int(metrics.get("epochs_done", 0)),
+        "stop_reason": reason,
+    }
 
 
 def _load_datasets(cfg: DictConfig, source: DataSource):

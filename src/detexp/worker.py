@@ -22,13 +22,17 @@ from omegaconf import OmegaConf
 
 from detexp.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 from detexp.data.pipeline import batch_to_tensors
-from detexp.engine import NonFiniteLossError, predict, train_one_epoch
+from detexp.engine import BestEpoch, NonFiniteLossError, predict, train_one_epoch
 from detexp.metrics import DetectionEvaluator
 from detexp.models import build_detector
 from detexp.optim import build_optimizer, build_scheduler, build_warmup
 
 # Key of the report a worker sends instead of an epoch's metrics when the loss diverged.
 DIVERGED = "diverged"
+# Report keys for the driver, besides the metrics: the epoch just trained is the new best;
+# patience ran out after it (the last report of the run).
+IMPROVED = "improved"
+STOPPED_EARLY = "stopped_early"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -48,6 +52,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = build_scheduler(cfg.schedule, optimizer)
 
     start_epoch = 0
+    best = BestEpoch(cfg.schedule.monitor_mode, cfg.schedule.patience)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -56,6 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         start_epoch = state["epoch"] + 1
+        best.load_state_dict(state.get("best"))
 
     train_shard = ray.train.get_dataset_shard("train")
     try:
@@ -92,8 +98,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/epoch_s": stats.seconds,
             "val/epoch_s": time.perf_counter() - val_start,
             **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
+            "epochs_done": epoch + 1,
         }
-        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch)
+        # Validation metrics are gathered, so every rank takes the same decision here.
+        if val_shard is not None:
+            metrics[IMPROVED] = best.update(epoch, metrics.get(cfg.schedule.monitor))
+            metrics["best/epoch"], metrics["best/value"] = best.epoch, best.value
+            metrics[STOPPED_EARLY] = best.should_stop
+        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict())
+        if best.should_stop:
+            return
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,7 +141,7 @@ def _validate(model, shard, batch_size, device, classes) -> dict[str, Any]:
     return {**evaluator.compute(), "images": len(evaluator)}  # -> val/images: none dropped
 
 
-def _report(metrics, model, optimizer, scheduler, config, epoch) -> None:
+def _report(metrics, model, optimizer, scheduler, config, epoch, best) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -140,6 +154,7 @@ def _report(metrics, model, optimizer, scheduler, config, epoch) -> None:
                 "lr_scheduler": scheduler.state_dict(),
                 "config": config,
                 "epoch": epoch,
+                "best": best,
                 "classes": list(config["dataset"]["classes"]),
             },
             Path(tmp) / CHECKPOINT_FILE,

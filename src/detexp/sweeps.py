@@ -1,0 +1,152 @@
+"""Hydra multirun (``detexp train -m ...``) as one MLflow parent run with a child per job.
+
+:class:`MultirunTracking` is a Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``).
+When a sweep starts it opens the parent run: the sweep's overrides as params, the sweep
+directory as a tag. Every job's train run becomes its child (MLflow's
+``mlflow.parentRunId`` tag, which the UI nests under the parent). When the sweep ends the
+parent gets ``sweep_summary.csv`` / ``.md`` (one row per job: overrides, best value of the
+monitored metric and its epoch, epochs trained, status, run id) and a ``detexp.best_child``
+tag, and it ends FAILED if any job failed.
+
+In a single run (no ``-m``) the callback does nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("detexp")
+
+SUMMARY_COLUMNS = ("job", "overrides", "status", "best_value", "best_epoch", "epochs", "run_id", "error")
+
+
+@dataclass
+class _Sweep:
+    tracker: Any  # detexp.tracking.Tracker of the parent run
+    run_id: str
+    sweep_dir: Path
+    metric: str
+    mode: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+_current: _Sweep | None = None  # the sweep of this process, while one runs
+
+
+def parent_tags() -> dict[str, str]:
+    """Tags that make a train run of the running sweep its child; empty outside a sweep."""
+    if _current is None:
+        return {}
+    return {"mlflow.parentRunId": _current.run_id, "detexp.sweep_dir": str(_current.sweep_dir)}
+
+
+class MultirunTracking(Callback):
+    """Hydra callback: see the module docstring. Hydra instantiates it from the config."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        global _current
+        from omegaconf import OmegaConf
+
+        from detexp.tracking import Tracker, default_tags
+
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        overrides = list(config.hydra.overrides.task)
+        tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+        params = {"sweep": {"overrides": " ".join(overrides), "dir": str(sweep_dir)}}
+        tags = {**default_tags("train -m", overrides), "detexp.sweep_dir": str(sweep_dir)}
+        run_name = OmegaConf.select(config, "tracking.run_name") or f"sweep-{sweep_dir.name}"
+        run_id = tracker.start(run_name, params, tags)
+        schedule = config.schedule
+        _current = _Sweep(tracker, run_id, sweep_dir, str(schedule.monitor), str(schedule.monitor_mode))
+        log.info("sweep %s: MLflow parent run %s; each job is a child run", sweep_dir, run_id)
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if _current is None:
+            return
+        row: dict[str, Any] = {
+            "job": config.hydra.job.num,
+            "overrides": " ".join(job_return.overrides or []),
+            "status": "FINISHED" if job_return.status == JobStatus.COMPLETED else "FAILED",
+        }
+        if job_return.status == JobStatus.COMPLETED:
+            result = job_return._return_value or {}
+            row.update(
+                best_value=result.get("best/value"),
+                best_epoch=result.get("best/epoch"),
+                epochs=result.get("epochs_trained"),
+                run_id=result.get("run_id"),
+            )
+        else:
+            error = job_return._return_value
+            row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        _current.rows.append(row)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        finish_sweep()
+
+
+def _best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    scored = [r for r in rows if isinstance(r.get("best_value"), int | float) and not math.isnan(r["best_value"])]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r["best_value"])
+
+
+def write_summary(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
+    """``sweep_summary.csv`` and ``sweep_summary.md`` in ``out_dir``: one row per job."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "sweep_summary.csv", out_dir / "sweep_summary.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUMMARY_COLUMNS)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row[c] for c in SUMMARY_COLUMNS])
+    header = ["job", "overrides", "status", f"best {metric}", "best epoch", "epochs", "run id"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        value = row.get("best_value")
+        cells = [
+            str(row["job"]), f"`{row['overrides']}`", row["status"],
+            f"{value:.4f}" if isinstance(value, float) else "",
+            "" if row.get("best_epoch") is None else str(row["best_epoch"] + 1),
+            str(row.get("epochs") or ""), row.get("run_id") or row.get("error") or "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
+def finish_sweep(interrupted: bool = False) -> None:
+    """Write the summary into the parent run and end it (once; also when the sweep was
+    cut short by an error or Ctrl-C, which skips Hydra's ``on_multirun_end``)."""
+    global _current
+    sweep = _current
+    if sweep is None or sweep.finished:
+        return
+    sweep.finished = True
+    _current = None
+    for path in write_summary(sweep.rows, sweep.metric, sweep.sweep_dir):
+        sweep.tracker.log_artifact(path)
+    best = _best_row(sweep.rows, sweep.mode)
+    if best is not None:
+        sweep.tracker.set_tags({"detexp.best_child": best["run_id"], "detexp.best_overrides": best["overrides"]})
+        sweep.tracker.log_metrics({f"best/{sweep.metric}": best["best_value"]}, step=0)
+    failed = sum(1 for r in sweep.rows if r["status"] != "FINISHED")
+    status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
+    sweep.tracker.end(status)
+    log.info(
+        "sweep done: %d job(s), %d failed; summary in %s%s",
+        len(sweep.rows), failed, sweep.sweep_dir / "sweep_summary.md",
+        f"; best {sweep.metric} {best['best_value']:.4f} with {best['overrides']} (run {best['run_id']})" if best else "",
+    )

@@ -1,0 +1,377 @@
+"""``detexp tune``: a Ray Tune search over train config keys, each trial a full train run.
+
+The Train V2 pattern: the Tune trainable is a function (:func:`_run_trial`) that applies
+the sampled values to the train config and calls :func:`detexp.train.train` inside the
+trial, with Ray Train's ``TuneReportCallback`` so that every epoch's report reaches Tune
+(and ASHA) as one result. Each trial is its own train run: its run directory is
+``<tune dir>/trials/<trial id>`` and its MLflow run is a child of the tune's parent run.
+
+Resources: a trial's actor reserves :data:`TRIAL_CPUS` (it only waits on its Train run),
+its Train workers reserve theirs separately (``num_workers x cpus_per_worker`` CPUs, and
+GPUs), and the data pipeline needs spare CPUs; :func:`max_concurrent_trials` does that
+arithmetic, so trials never wait forever for workers that cannot be placed.
+
+Resume: a trial's Train run has a stable name and storage (its run directory), so a
+restored trial (``Tuner.restore``) continues from its last checkpoint in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from detexp.config import TrainConfig
+from detexp.errors import ConfigError, ResourceError
+from detexp.search_space import apply_sample, check_search_space, param_space, search_space
+
+log = logging.getLogger("detexp")
+
+SEARCHES = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "fifo")
+# The trial actor only waits on its Train run (and logs to MLflow), so it reserves a token
+# share of a CPU: Tune also places trials that wait for their turn, and a whole CPU each
+# would take the one the data pipeline needs, stalling the running trial.
+TRIAL_CPUS = 0.01
+EXPERIMENT = "tune"  # Tune's experiment folder inside the run directory
+TIME_ATTR = "epochs_done"  # what ASHA counts: epochs trained, also across a resume
+
+
+# -- resources ----------------------------------------------------------------------------------
+
+
+def trial_resources(scaling: Any) -> tuple[float, int]:
+    """CPUs and GPUs one trial holds: its actor plus its Train workers."""
+    cpus = TRIAL_CPUS + scaling.num_workers * scaling.cpus_per_worker
+    gpus = scaling.num_workers if scaling.use_gpu else 0
+    return cpus, gpus
+
+
+def max_concurrent_trials(scaling: Any, cluster: Mapping[str, float], data_cpus: int) -> int:
+    """How many trials the cluster can run at once, keeping ``data_cpus`` free for the
+    data pipeline; raises :class:`ResourceError` when not even one fits."""
+    cpus, gpus = trial_resources(scaling)
+    have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    by_cpu = int((have_cpus - data_cpus) // cpus)
+    by_gpu = int(have_gpus // gpus) if gpus else by_cpu
+    fits = min(by_cpu, by_gpu)
+    if fits < 1:
+        raise ResourceError(
+            f"one trial needs {cpus:g} CPUs ({TRIAL_CPUS:g} for the trial + scaling.num_workers="
+            f"{scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker}) and {gpus} GPUs, "
+            f"plus {data_cpus} CPU for data loading, but the Ray cluster has {have_cpus:g} CPUs and "
+            f"{have_gpus:g} GPUs; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    return fits
+
+
+# -- one trial ----------------------------------------------------------------------------------
+
+
+def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str, parent_run_id: str) -> None:
+    """The Tune trainable: one train run with the sampled values (runs in the trial actor)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from detexp.train import train
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg, overrides = apply_sample(base, sample, space)
+    cfg.resume = True  # a restored trial continues its own checkpoints, in its own MLflow run
+    cfg.tracking.run_name = f"trial-{trial_id}"
+    tags = {"mlflow.parentRunId": parent_run_id, "detexp.trial_id": trial_id, "detexp.trial_overrides": " ".join(overrides)}
+    train(
+        cfg, Path(tune_dir) / "trials" / trial_id, overrides,
+        ray_callbacks=[TuneReportCallback()], tags=tags,
+    )
+
+
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with every relative path made absolute against this process's directory:
+    trials run in other processes (and on other nodes), which must find the same files."""
+    from detexp.tracking import resolve_uri
+
+    cfg = cfg.copy()
+    cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
+    for key in ("dataset.root", "dataset.cache_dir", "model.checkpoint"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()), merge=False)
+    return cfg
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """Everything that can be refused before Ray starts; returns the train part of the
+    config (absolute paths) and the search space."""
+    from detexp.train import check_train_config
+
+    t = cfg.tune
+    for key, value, choices in (("search", t.search, SEARCHES), ("scheduler", t.scheduler, SCHEDULERS)):
+        if value not in choices:
+            raise ConfigError(f"tune.{key}={value!r} is unknown; choose one of: {', '.join(choices)}")
+    if t.mode not in ("max", "min"):
+        raise ConfigError(f"tune.mode={t.mode!r}: choose max or min")
+    if not t.metric.startswith("val/"):
+        raise ConfigError(f"tune.metric={t.metric!r}: trials are compared on a validation metric, e.g. val/map_50")
+    if t.num_samples < 1 or t.grace_period < 1 or t.reduction_factor < 2:
+        raise ConfigError("tune.num_samples and tune.grace_period must be at least 1, tune.reduction_factor at least 2")
+    if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:
+        raise ConfigError(f"tune.max_concurrent_trials={t.max_concurrent_trials} must be at least 1 (or null: computed)")
+    if t.scheduler == "asha" and t.grace_period > cfg.schedule.epochs:
+        raise ConfigError(f"tune.grace_period={t.grace_period} is longer than schedule.epochs={cfg.schedule.epochs}")
+    if t.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna") from None
+    base = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in cfg.items() if k != "tune"})
+    check_train_config(base)
+    space = search_space(t)
+    check_search_space(space, base, t.search)
+    return absolute_paths(base), space
+
+
+def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``detexp tune``: run the search, each trial a child MLflow run of one parent run;
+    write ``best_config.yaml`` into ``run_dir``. Returns the best trial's id, value and
+    config path, the parent ``run_id`` and the trial counts. ``resume=true`` with the same
+    ``run_dir`` continues an interrupted search."""
+    import ray
+    from ray import tune as ray_tune
+
+    from detexp import launch
+    from detexp.checkpoints import RUN_ID_FILE
+    from detexp.tracking import Tracker, default_tags
+
+    base, space = check_tune_config(cfg)
+    t = cfg.tune
+    run_dir = Path(run_dir).resolve()
+    experiment_dir = run_dir / EXPERIMENT
+    restoring = cfg.resume and ray_tune.Tuner.can_restore(str(experiment_dir))
+    if experiment_dir.exists() and not restoring:
+        raise ConfigError(
+            f"{run_dir} already holds a tune run; pass resume=true to continue it, or choose another hydra.run.dir"
+        )
+    tracker = Tracker(base.tracking.uri, base.tracking.experiment)
+    launch.init_ray(base.ray.address, base.ray.verbose)
+    launch.check_resources(base.scaling)
+    fits = max_concurrent_trials(base.scaling, ray.cluster_resources(), launch.DATA_CPUS)
+    concurrent = min(t.max_concurrent_trials or fits, fits)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**OmegaConf.to_container(t, resolve=True), "search_space": space}
+    resolved = {**OmegaConf.to_container(base, resolve=True), "tune": settings}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    id_file = run_dir / RUN_ID_FILE
+    if restoring and id_file.exists():
+        parent = tracker.resume(id_file.read_text().strip())
+    else:
+        parent = tracker.start(base.tracking.run_name or f"tune-{run_dir.name}", resolved, default_tags("tune", list(overrides or [])))
+        id_file.write_text(parent)
+    tracker.log_artifact(run_dir / "config.yaml")
+    log.info(
+        "tune: %d trial(s), %s search, %s scheduler on %s (%s), %d at a time; MLflow parent run %s",
+        t.num_samples, t.search, t.scheduler, t.metric, t.mode, concurrent, parent,
+    )
+    for key, spec in space.items():
+        log.info("  %s: %s", key, spec)
+
+    # Trials must not change directory (relative paths would break), nor flood the console.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # a diverged epoch reports no metric
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(concurrent)  # trials placed ahead of their turn
+    if not base.ray.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(
+            _run_trial, base=OmegaConf.to_container(base, resolve=True), space=space,
+            tune_dir=str(run_dir), parent_run_id=parent,
+        ),
+        {"cpu": TRIAL_CPUS},
+    )
+    watcher = TrialWatcher(tracker, run_dir, t.metric, t.mode, base.schedule.epochs, t.num_samples)
+    run_config = ray_tune.RunConfig(
+        name=EXPERIMENT, storage_path=str(run_dir), verbose=2 if base.ray.verbose else 0, callbacks=[watcher],
+    )
+    started = time.perf_counter()
+    try:
+        if restoring:
+            log.info("resuming the search in %s: finished trials are kept, the others continue", experiment_dir)
+            tuner = ray_tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = ray_tune.Tuner(
+                trainable, param_space=param_space(space, t.search), run_config=run_config,
+                tune_config=_tune_config(t, base, concurrent),
+            )
+        grid = tuner.fit()
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return _finish(grid, watcher, tracker, parent, base, space, run_dir, t, time.perf_counter() - started)
+
+
+def _tune_config(t: Any, base: DictConfig, concurrent: int):
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    scheduler = (
+        ASHAScheduler(
+            time_attr=TIME_ATTR, max_t=base.schedule.epochs, grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+            stop_last_trials=False,  # a trial at its last epoch ends itself, with its final report
+        )
+        if t.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ray_tune.TuneConfig(
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
+            search_alg=OptunaSearch(seed=base.seed), max_concurrent_trials=concurrent,
+        )
+    return ray_tune.TuneConfig(
+        metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
+        search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
+    )
+
+
+# -- watching trials from the driver -------------------------------------------------------------
+
+
+def _trial_run_id(run_dir: Path, trial_id: str) -> str | None:
+    from detexp.checkpoints import RUN_ID_FILE
+
+    path = run_dir / "trials" / trial_id / RUN_ID_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class TrialWatcher(_tune_callback_base()):
+    """Runs on the tune driver: one console line per trial result (instead of Tune's
+    tables), and the MLflow child run of a trial the scheduler stopped marked as such
+    (its process is stopped mid-run and cannot do it)."""
+
+    def __init__(self, tracker, run_dir: Path, metric: str, mode: str, epochs: int, num_samples: int):
+        self.tracker, self.run_dir, self.metric, self.mode = tracker, run_dir, metric, mode
+        self.epochs, self.num_samples = epochs, num_samples
+        self.best: tuple[float, str, int] | None = None  # value, trial id, epoch (0-based)
+        self.history: dict[str, list[tuple[int, float]]] = {}  # trial id -> (epoch, metric value)
+        self.stopped: set[str] = set()
+        self.order: dict[str, int] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        log.info("trial %s (%d/%d) started: %s", trial.trial_id, self.order[trial.trial_id], self.num_samples,
+                 " ".join(f"{k}={v}" for k, v in trial.config.items()))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None or "epoch" not in result:
+            return
+        epoch = int(result["epoch"])
+        self.history.setdefault(trial.trial_id, []).append((epoch, float(value)))
+        better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+        if better and not math.isnan(value):
+            self.best = (float(value), trial.trial_id, epoch)
+        best = f"best {self.best[0]:.4f} (trial {self.best[1]}, epoch {self.best[2] + 1})" if self.best else ""
+        log.info("trial %s  epoch %d/%d  %s %.4f  %s", trial.trial_id, epoch + 1, self.epochs, self.metric, value, best)
+        if result.get("done") and int(result.get(TIME_ATTR, epoch + 1)) < self.epochs:
+            self.stopped.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self.stopped:
+            return
+        done = len(self.history.get(trial.trial_id, []))
+        log.info("trial %s stopped by the scheduler after %d/%d epochs", trial.trial_id, done, self.epochs)
+        run_id = _trial_run_id(self.run_dir, trial.trial_id)
+        if run_id is not None:
+            self.tracker.end_run(run_id, "KILLED", {"detexp.stopped_by": "asha", "detexp.stop_reason":
+                                 f"stopped by ASHA after {done} of {self.epochs} epochs"})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = getattr(trial, "error_file", None)
+        log.error("trial %s failed%s", trial.trial_id, f" (details in {error})" if error else "")
+        run_id = _trial_run_id(self.run_dir, trial.trial_id)
+        if run_id is not None:
+            self.tracker.end_run(run_id, "FAILED", {})
+
+
+def _finish(grid, watcher: TrialWatcher, tracker, parent: str, base: DictConfig, space, run_dir: Path, t, seconds: float):
+    from detexp.sweeps import write_summary
+
+    rows = []
+    for result in grid:
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name.rsplit("_", 2)[-2]
+        history = watcher.history.get(trial_id) or _history(result, t.metric)
+        pick = max if t.mode == "max" else min
+        best = pick(history, key=lambda item: item[1]) if history else None
+        _, overrides = apply_sample(OmegaConf.to_container(base), result.config, space)
+        status = "ERROR" if result.error else ("STOPPED" if trial_id in watcher.stopped else "FINISHED")
+        rows.append({
+            "job": trial_id, "overrides": " ".join(overrides), "status": status,
+            "best_value": best[1] if best else None, "best_epoch": best[0] if best else None,
+            "epochs": len(history), "run_id": _trial_run_id(run_dir, trial_id),
+            "error": str(result.error).splitlines()[0][:300] if result.error else None,
+        })
+    for path in write_summary(rows, t.metric, run_dir):
+        tracker.log_artifact(path)
+    scored = [r for r in rows if r["best_value"] is not None and not math.isnan(r["best_value"])]
+    if not scored:
+        tracker.end("FAILED")
+        raise ConfigError(f"no trial reported {t.metric}; see the trials in {run_dir / 'trials'}")
+    best = (max if t.mode == "max" else min)(scored, key=lambda r: r["best_value"])
+    winner = next(r for r in grid if best["overrides"] == " ".join(apply_sample(OmegaConf.to_container(base), r.config, space)[1]))
+    best_cfg, _ = apply_sample(OmegaConf.to_container(base), winner.config, space)
+    best_path = write_best_config(best_cfg, run_dir, best, t.metric)
+    tracker.log_artifact(best_path)
+    tracker.set_tags({"detexp.best_trial": best["job"], "detexp.best_child": best["run_id"] or "",
+                      "detexp.best_overrides": best["overrides"]})
+    tracker.log_metrics({f"best/{t.metric}": best["best_value"], "tune/trials": len(rows),
+                         "tune/stopped_early": len(watcher.stopped), "tune/seconds": seconds}, step=0)
+    tracker.end("FINISHED")
+    command = f"python -m detexp train -cd {best_path.parent} -cn {best_path.stem}"
+    log.info("best trial %s: %s %.4f at epoch %d with %s", best["job"], t.metric, best["best_value"],
+             best["best_epoch"] + 1, best["overrides"])
+    log.info("its config: %s; train it again with:  %s", best_path, command)
+    log.info("browse the trials with:  %s", tracker.ui_command())
+    return {"best_trial": best["job"], "best_value": best["best_value"], "best_config": str(best_path),
+            "run_id": parent, "trials": len(rows), "stopped_early": len(watcher.stopped), "command": command}
+
+
+def _history(result, metric: str) -> list[tuple[int, float]]:
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame or "epoch" not in frame:
+        return []
+    return [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[metric], strict=True) if v == v]
+
+
+def write_best_config(cfg: DictConfig, run_dir: Path, best: Mapping[str, Any], metric: str) -> Path:
+    """``best_config.yaml``: a primary config that extends the packaged ``train.yaml`` with
+    every value of the best trial, so ``train -cd RUN_DIR -cn best_config`` trains it again."""
+    cfg = cfg.copy()
+    cfg.resume = False
+    body = OmegaConf.to_yaml(OmegaConf.merge({"defaults": ["train", "_self_"]}, cfg))
+    header = (
+        f"# The best trial ({best['job']}) of the tune run in {run_dir}:\n"
+        f"#   {metric} {best['best_value']:.4f} at epoch {best['best_epoch'] + 1}, with {best['overrides']}\n"
+        f"# Train it again:  python -m detexp train -cd {run_dir} -cn best_config\n"
+    )
+    path = run_dir / "best_config.yaml"
+    path.write_text(header + body)
+    return path

@@ -1,0 +1,236 @@
+"""Searching and comparing runs: the best epoch and early stopping in `train`, Hydra
+multirun as one MLflow parent run, and `detexp tune` (Ray Tune over Ray Train)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from conftest import compose_train
+from detexp.checkpoints import find_checkpoint
+from detexp.config import TrainConfig
+from detexp.errors import ConfigError, ResourceError
+from detexp.train import train
+from detexp.tune import max_concurrent_trials, tune, write_best_config
+
+# -- best epoch and patience ---------------------------------------------------------------------
+
+
+def test_patience_stops_the_run_and_the_best_epoch_is_kept(ray_cluster, smoke_cfg, tmp_path):
+    # The number of val images never improves: epoch 1 stays the best, patience 1 ends the
+    # run after epoch 2 (a smoke model's map_50 is too close to 0 to rank epochs reliably).
+    keys = ("schedule.epochs=4", "schedule.patience=1", "schedule.monitor=val/images")
+    run_dir = tmp_path / "run"
+    result = train(smoke_cfg(*keys), run_dir)
+
+    assert result["epochs_trained"] == 2
+    assert result["stop_reason"] == (
+        "early stop: val/images did not improve for 1 epoch(s) after epoch 1 (16.0000); trained 2 of 4 epochs"
+    )
+    best_epoch = int(result["best/epoch"])
+    final = torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    best = torch.load(run_dir / "model_best.pt", map_location="cpu", weights_only=True)
+    assert final["epoch"] == result["epochs_trained"] - 1
+    assert best["epoch"] == best_epoch < final["epoch"]
+    assert best["best"]["bad_epochs"] == 0 and final["best"]["bad_epochs"] == 1
+    # eval and predict given the run directory take the best checkpoint
+    assert find_checkpoint(str(run_dir)) == (run_dir / "model_best.pt").resolve()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["detexp.stop_reason"] == result["stop_reason"]
+    assert run.data.tags["detexp.best_epoch"] == str(best_epoch + 1)
+    assert run.data.metrics["best/epoch"] == best_epoch
+    assert run.data.metrics["best/val_images"] == 16
+    assert len(client.get_metric_history(run.info.run_id, "val/map_50")) == 2
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert logged == {"checkpoints/model_best.pt", "checkpoints/model_final.pt"}
+
+    # resuming a run that stopped early trains nothing more
+    again = train(smoke_cfg(*keys, "resume=true"), run_dir)
+    assert again["epochs_trained"] == result["epochs_trained"]
+    assert torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True)["epoch"] == final["epoch"]
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("schedule.monitor=train/loss", "validation metric"),
+        ("schedule.monitor_mode=biggest", "choose max or min"),
+        ("schedule.patience=0", "at least 1"),
+    ],
+)
+def test_bad_monitor_settings_are_refused_before_ray(smoke_cfg, tmp_path, override, words):
+    with pytest.raises(ConfigError, match=words):
+        train(smoke_cfg(override), tmp_path / "run")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# -- tune: checks before Ray ---------------------------------------------------------------------
+
+
+def _tune_cfg(tmp_path, shapes_cache, *overrides):
+    return compose_train(
+        ["+experiment=smoke", f"dataset.cache_dir={shapes_cache}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *overrides],
+        config_name="tune",
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("tune.search_space={optimizer.lrr: {loguniform: [1e-3, 1e-1]}}", "optimizer.lrr.*not a key of the train config"),
+        ("tune.search_space={optimizer: {choice: [a, b]}}", "optimizer.*is a group of keys"),
+        ("tune.search_space={optimizer.lr: {choice: [fast, 0.1]}}", "optimizer.lr.*'fast' does not fit"),
+        ("tune.search_space={optimizer.lr: {loguniform: [0, 0.1]}}", "0 < low < high"),
+        ("tune.search_space={optimizer.lr: {normal: [0.01, 0.1]}}", "one of loguniform, uniform, choice, grid"),
+        ("tune.search_space={schedule.lr_steps: {grid: [[8, 11]]}}", "grid is not supported with tune.search=optuna"),
+        ("tune.search=bayes", "tune.search='bayes' is unknown"),
+        ("tune.metric=train/loss", "validation metric"),
+    ],
+)
+def test_a_bad_search_is_refused_before_ray_naming_the_key(tmp_path, shapes_cache, override, words):
+    extra = ["tune.search=optuna"] if "grid:" in override else []
+    with pytest.raises(ConfigError, match=words):
+        tune(_tune_cfg(tmp_path, shapes_cache, override, *extra), tmp_path / "tune")
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_trials_that_cannot_be_placed_fail_saying_what_one_needs():
+    scaling = OmegaConf.create({"num_workers": 2, "cpus_per_worker": 2, "use_gpu": True})
+    assert max_concurrent_trials(scaling, {"CPU": 17, "GPU": 4}, 1) == 2  # GPUs: 2 per trial
+    assert max_concurrent_trials(scaling, {"CPU": 9, "GPU": 8}, 1) == 1  # CPUs: 4.01 per trial
+    with pytest.raises(ResourceError, match=r"one trial needs 4.01 CPUs .* and 2 GPUs.* has 16 CPUs and 1 GPUs"):
+        max_concurrent_trials(scaling, {"CPU": 16, "GPU": 1}, 1)
+
+
+def test_best_config_trains_with_train(tmp_path, shapes_cache):
+    """best_config.yaml is a primary config over train.yaml: `train -cd DIR -cn best_config`."""
+    cfg = _tune_cfg(tmp_path, shapes_cache)
+    base = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in cfg.items() if k != "tune"})
+    base.optimizer.lr = 0.0123
+    base.schedule.lr_steps = [8, 11]
+    best = {"job": "abc_00001", "best_value": 0.5, "best_epoch": 1, "overrides": "optimizer.lr=0.0123"}
+    path = write_best_config(base, tmp_path, best, "val/map_50")
+    out = subprocess.run(
+        [sys.executable, "-m", "detexp", "train", "-cd", str(tmp_path), "-cn", path.stem, "--cfg", "job"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = OmegaConf.create(out.stdout)
+    assert shown.optimizer.lr == 0.0123 and list(shown.schedule.lr_steps) == [8, 11]
+    assert shown.dataset.synth.num_train == cfg.dataset.synth.num_train and shown.resume is False
+    assert f"-cd {tmp_path} -cn best_config" in path.read_text()
+
+
+# -- tune end to end ------------------------------------------------------------------------------
+
+
+def _mlflow(tmp_path):
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.mark.slow  # about 100 s on 2 cores: two trials, each a Ray Train run and its report
+def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shapes_cache):
+    cfg = _tune_cfg(tmp_path, shapes_cache, "tune.num_samples=2", "schedule.epochs=1", "tune.grace_period=1")
+    result = tune(cfg, tmp_path / "tune")
+
+    client = _mlflow(tmp_path)
+    parent = client.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2 == result["trials"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert "val/map_50" in child.data.metrics
+        assert child.data.params["optimizer.lr"] == re.search(r"optimizer.lr=(\S+)", child.data.tags["detexp.trial_overrides"])[1]
+    assert parent.data.tags["detexp.best_trial"] == result["best_trial"]
+    assert parent.data.tags["detexp.best_child"] in {c.info.run_id for c in children}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "sweep_summary.csv", "sweep_summary.md", "config.yaml"}
+    assert Path(result["best_config"]).is_file()
+    # trials ran in their own run directories inside the tune's, not in Ray's temp dirs
+    assert sorted(p.name for p in (tmp_path / "tune" / "trials").iterdir()) == sorted(
+        c.data.tags["detexp.trial_id"] for c in children
+    )
+    assert os.getcwd() != str(tmp_path / "tune")
+
+
+# -- through the command line and long runs -------------------------------------------------------
+
+
+def _ray_processes(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def test_cli_sweep_of_two_jobs_is_one_parent_run_and_leaves_no_ray(tmp_path, shapes_cache):
+    """`train -m` as a user types it: one job of one worker and one of two DDP workers
+    (gloo), one parent run; the console shows progress, not Ray's internals."""
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "detexp", "train", "-m", "+experiment=smoke", "scaling.num_workers=1,2",
+            f"dataset.cache_dir={shapes_cache}", "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert len(re.findall(r"^epoch 2/2 .*steps/s.*val map .*ETA", text, re.M)) == 2, text
+    for noise in ("PlacementGroupCleaner", "State API", "Traceback", "RayTrainWorker pid=", "TrainController pid=",
+                  "already initialized"):
+        assert noise not in text, noise
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in text
+    assert len(text.splitlines()) < 60, text  # a screenful, not Ray's internals
+    assert not _ray_processes(ray_tmp), "a Ray process outlived the command"
+
+    client = _mlflow(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("detexp").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.overrides"].startswith("+experiment=smoke scaling.num_workers=1,2")
+    assert {c.data.params["scaling.num_workers"] for c in children} == {"1", "2"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and "val/map_50" in child.data.metrics
+    assert parent.data.tags["detexp.best_child"] in {c.info.run_id for c in children}
+    summary = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and all(",FINISHED," in line for line in summary[1:])
+    # each job trained in its own directory: no job read another's checkpoints
+    assert all((tmp_path / "sweep" / str(n) / "model_final.pt").is_file() for n in (0, 1))
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_early_and_says_so(ray_cluster, tmp_path, shapes_cache):
+    """Four trials, ASHA deciding after every epoch on the training loss's proxy of
+    progress: with lr spread over two decades at least one trial is stopped early."""
+    cfg = _tune_cfg(
+        tmp_path, shapes_cache, "tune.num_samples=4", "schedule.epochs=3", "tune.grace_period=1",
+        "tune.search_space={optimizer.lr: {grid: [0.0005, 0.002, 0.01, 0.03]}}", "tune.search=grid",
+        "tune.num_samples=1", "tune.metric=val/map", "dataset.synth.num_train=64",
+    )
+    result = tune(cfg, tmp_path / "tune")
+    assert result["stopped_early"] >= 1
+    client = _mlflow(tmp_path)
+    stopped = client.search_runs(
+        [client.get_experiment_by_name("detexp").experiment_id], "tags.`detexp.stopped_by` = 'asha'"
+    )
+    assert len(stopped) == result["stopped_early"]
+    assert all(r.info.status == "KILLED" for r in stopped)
+    assert "STOPPED" in (tmp_path / "tune" / "sweep_summary.md").read_text()
