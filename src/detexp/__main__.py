@@ -24,6 +24,7 @@ commands:
   predict      draw detections on images: predict checkpoint=PATH input=DIR_OR_IMAGE [score_threshold=0.5]
   data synth   write the generated shapes dataset: data synth out=DIR [synth.num_train=N ...]
   data check   scan a dataset's splits for broken annotations and images
+  data show    label statistics and ground-truth boxes drawn on a grid of images: data show [dataset=... grid_images=16]
 
 Overrides are Hydra's: key=value, group=option, +experiment=NAME; add -m to sweep,
 --cfg job to print the composed config, --help for a command's config groups.
@@ -34,6 +35,7 @@ Examples:
   python -m detexp train -m optimizer.lr=0.01,0.02 schedule.lr_steps='[16,22]','[8,11]'
   python -m detexp tune +experiment=smoke tune.num_samples=4
   python -m detexp data check dataset=voc dataset.root=~/data/VOCdevkit/VOC2012
+  python -m detexp data show dataset=voc dataset.root=~/data/VOCdevkit/VOC2012
   python -m detexp eval checkpoint=runs/train/2024-01-01_12-00-00/model_final.pt
   python -m detexp predict checkpoint=runs/train/2024-01-01_12-00-00 input=~/photos
 """
@@ -79,6 +81,12 @@ def _run_data_check(cfg: DictConfig) -> int:
     return errors
 
 
+def _run_data_show(cfg: DictConfig) -> dict:
+    from detexp.datashow import data_show
+
+    return data_show(cfg, HydraConfig.get().runtime.output_dir)
+
+
 def _run_data_synth(cfg: DictConfig):
     from detexp.data.commands import data_synth
 
@@ -92,6 +100,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[DictConfig], object]]] = {
     ("eval",): ("eval", _run_eval),
     ("predict",): ("predict", _run_predict),
     ("data", "check"): ("train", _run_data_check),
+    ("data", "show"): ("data_show", _run_data_show),
     ("data", "synth"): ("synth", _run_data_synth),
 }
 

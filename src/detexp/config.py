@@ -195,6 +195,14 @@ class SynthCommandConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
+@dataclass
+class DataShowConfig(TrainConfig):
+    """`detexp data show`: the train config, so that a train command line works unchanged
+    (only ``dataset`` is read), plus the size of the grid of ground-truth boxes."""
+
+    grid_images: int = 16  # images drawn into gt_grid.jpg (0 = none)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
@@ -202,6 +210,7 @@ def register_configs() -> None:
     cs.store(name="tune_schema", node=TuneCommandConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="data_show_schema", node=DataShowConfig)
 
 
 def fit_schema(schema: type, stored: Any, what: str | None = None) -> DictConfig:

@@ -168,7 +168,9 @@ def draw_detections(
 
     Predicted boxes ([N, 4] xmin, ymin, xmax, ymax; labels 1..C into `class_names`) are drawn
     in their class colour with "name 0.87" above them; ground truth in thin white beneath.
-    Filter by score before calling: every box given is drawn. The size is unchanged.
+    Filter by score before calling: every box given is drawn. `scores=None` labels the boxes
+    with the name alone (ground truth in class colours, as `data show` draws it). The size
+    is unchanged.
     """
     canvas = _as_rgb(image)
     draw = ImageDraw.Draw(canvas)
@@ -185,10 +187,12 @@ def draw_detections(
             gt_name = name_of(int(gt_label_list[index]))
             draw.text((box[0] + 2, box[1] + 2), gt_name, fill=_GT_COLOUR, font=font)
 
-    for box, label, score in zip(_as_list(boxes), _as_list(labels), _as_list(scores), strict=True):
+    box_list = _as_list(boxes)
+    score_list = [None] * len(box_list) if scores is None else _as_list(scores)
+    for box, label, score in zip(box_list, _as_list(labels), score_list, strict=True):
         colour = _PALETTE[(int(label) - 1) % len(_PALETTE)]
         draw.rectangle(box, outline=colour, width=width)
-        text = f"{name_of(int(label))} {score:.2f}"
+        text = name_of(int(label)) if score is None else f"{name_of(int(label))} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         # Put the label above the box, or inside it when the box touches the top edge.
         y = box[1] - (bottom - top) - 4

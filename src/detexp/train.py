@@ -28,7 +28,13 @@ from detexp.checkpoints import (
     copy_checkpoint_file,
     latest_checkpoint,
 )
-from detexp.data.problems import problems_table, write_problems_csv
+from detexp.data.parsing import object_name_images
+from detexp.data.problems import (
+    class_names_summary,
+    has_unknown_classes,
+    problems_table,
+    write_problems_csv,
+)
 from detexp.data.source import DataSource, resolve
 from detexp.data.voc import Problem
 from detexp.errors import ConfigError, DetexpError, TrainingDivergedError
@@ -124,7 +130,7 @@ def train(
     launch.init_ray(cfg.ray.address, cfg.ray.verbose)
     launch.check_resources(cfg.scaling)
     datasets, counts, problems = _load_datasets(cfg, source)
-    _apply_error_policy(cfg, problems, run_dir)
+    _apply_error_policy(cfg, problems, run_dir, source)
     rows_per_worker = counts["data/train_images"] // cfg.scaling.num_workers
     if rows_per_worker == 0:
         raise ConfigError(
@@ -238,13 +244,16 @@ def _load_datasets(cfg: DictConfig, source: DataSource):
     return datasets, counts, problems
 
 
-def _apply_error_policy(cfg: DictConfig, problems: list[Problem], run_dir: Path) -> None:
+def _apply_error_policy(cfg: DictConfig, problems: list[Problem], run_dir: Path, source: DataSource) -> None:
     errors = [p for p in problems if p.severity == "error"]
     if not errors:
         return
     skipped_csv = run_dir / "data" / "skipped.csv"
     write_problems_csv(errors, skipped_csv)
     table = problems_table(errors, skipped_csv)
+    if has_unknown_classes(errors):  # the names and the override first, not one row per object
+        names = object_name_images(source.root, list(dict.fromkeys(source.train_ids + source.val_ids)))
+        table = f"{class_names_summary(names, source.classes)}\n{table}"
     if cfg.dataset.on_error == "raise":
         raise DetexpError(f"the dataset has errors (dataset.on_error=raise):\n{table}")
     log.warning(

@@ -5,17 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from detexp.data.parsing import check_dataset
-from detexp.data.problems import format_problems
+from detexp.data.parsing import check_dataset, object_name_images
+from detexp.data.problems import class_names_summary, format_problems, has_unknown_classes
 from detexp.data.source import resolve
 
 
 def data_check(cfg: Any) -> int:
-    """Scan the dataset's splits; print the problems table; return the number of errors."""
+    """Scan the dataset's splits; print the summary of unknown class names (if any), then
+    the problems table; return the number of errors."""
     source = resolve(cfg.dataset)
     ids = list(dict.fromkeys(source.train_ids + source.val_ids))
     _, problems = check_dataset(source.root, ids, source.classes)
     errors = sum(1 for p in problems if p.severity == "error")
+    if has_unknown_classes(problems):
+        print(class_names_summary(object_name_images(source.root, ids), source.classes))
     if problems:
         print(format_problems(problems))
     print(f"checked {len(ids)} images in {source.root}: {errors} error(s), {len(problems) - errors} warning(s)")

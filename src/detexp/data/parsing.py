@@ -16,6 +16,7 @@ Conventions kept from the VOC devkit:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -261,8 +262,8 @@ def parse_record(
     problems: list[Problem] = []
     ann_rel, img_rel = annotation_relpath(image_id), image_relpath(image_id)
 
-    def report(file: str, message: str, severity: str = "error") -> None:
-        problems.append(Problem(image_id, file, message, severity))
+    def report(file: str, message: str, severity: str = "error", unknown_class: str | None = None) -> None:
+        problems.append(Problem(image_id, file, message, severity, unknown_class))
 
     image = _inspect_image(jpg_file, verify_image)
     if image.error:
@@ -350,7 +351,7 @@ def _parse_object(
         report(ann_rel, f"missing <name> in {where}")
         ok = False
     elif name not in index:
-        report(ann_rel, f"{_unknown_class_message(name, index)} in {where}")
+        report(ann_rel, f"{_unknown_class_message(name, index)} in {where}", unknown_class=name)
         ok = False
 
     is_difficult = _parse_difficult(obj.get("difficult"))
@@ -403,3 +404,22 @@ def check_dataset(
         if record is not None:
             records.append(record)
     return records, problems
+
+
+def object_name_images(root: Path, ids: Sequence[str]) -> dict[str, int]:
+    """Object name -> number of the listed images whose annotation uses it, for every name
+    (in ``dataset.classes`` or not), read as :func:`parse_record` reads it (stripped).
+
+    Only the XML is read. Annotations that cannot be read and ids that leave the root count
+    for nothing: :func:`parse_record` reports those. This is what a summary of unknown class
+    names needs that the problems cannot tell: whether the configured classes appear at all.
+    """
+    counts: Counter[str] = Counter()
+    for image_id in ids:
+        try:
+            ann, _ = _load_annotation(annotation_path(Path(root), image_id))
+        except DatasetError:
+            continue
+        objects = (ann or {}).get("object") or []
+        counts.update({name for obj in objects if isinstance(obj, dict) and (name := _text(obj.get("name")))})
+    return dict(counts)

@@ -27,12 +27,16 @@ SPLITS_DIR = "ImageSets/Main"
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding about one image: an ``"error"`` (the image is unusable) or a ``"warning"``."""
+    """One finding about one image: an ``"error"`` (the image is unusable) or a ``"warning"``.
+
+    ``unknown_class`` is set only on an "unknown class" error: the object name that is not
+    in the class list, so summaries need not read it back out of the message."""
 
     image_id: str
     file: str  # relative to the dataset root, with "/" separators, e.g. "Annotations/0001.xml"
     problem: str
     severity: str  # "error" or "warning"
+    unknown_class: str | None = None
 
 
 @dataclass
