@@ -87,3 +87,26 @@ def test_command_line_typo_fails_in_seconds_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr + out.stdout
     assert time.perf_counter() - started < 20
     assert not (tmp_path / "mlflow.db").exists()  # failed before anything started
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("scaling.min_workers=2", "scaling.min_workers=2 must be between 1 and scaling.num_workers=1"),
+        ("optimizer.reference_batch=0", "optimizer.reference_batch=0 must be at least 1"),
+        ("scaling.placement_strategy=RANDOM", "choose PACK or SPREAD"),
+    ],
+)
+def test_impossible_scaling_values_are_refused(override, words):
+    with pytest.raises(ConfigError, match=words):
+        check_train_config(compose_train([override]))
+
+
+def test_voc_tutorial_scales_its_lr_to_the_global_batch():
+    from detexp.optim import scaled_lr
+
+    cfg = compose_train(["+experiment=voc_tutorial", "scaling.num_workers=2"])
+    assert cfg.model.weights_backbone == "IMAGENET1K_V1"  # as the tutorial's builder call
+    assert scaled_lr(cfg.optimizer, cfg.scaling.num_workers, cfg.dataset.batch_size) == pytest.approx(0.005)
+    full = compose_train(["+experiment=voc_tutorial"])
+    assert scaled_lr(full.optimizer, full.scaling.num_workers, full.dataset.batch_size) == pytest.approx(0.02)

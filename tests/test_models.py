@@ -12,7 +12,7 @@ from torchvision.models import detection as tvd
 
 from detexp.config import ModelConfig
 from detexp.errors import ConfigError
-from detexp.models import BUILDERS, build_detector, load_model_state
+from detexp.models import BUILDERS, build_detector, load_model_state, weight_files
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -75,3 +75,19 @@ def test_not_a_checkpoint_is_named(tmp_path):
     path.write_text("hello")
     with pytest.raises(ConfigError, match="notes.pt: not a PyTorch checkpoint"):
         load_model_state(path)
+
+
+def test_weights_in_the_cache_are_found_and_missing_ones_are_named(monkeypatch, tmp_path):
+    weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
+    _cache(monkeypatch, tmp_path, weights, mobilenet_v3_large().state_dict())
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    assert weight_files(_cfg(weights_backbone="IMAGENET1K_V1")) == [cached]
+    # the detector's weights include the backbone's: only the COCO file is needed
+    coco = tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1
+    expected = tmp_path / "hub" / "checkpoints" / coco.url.rsplit("/", 1)[-1]
+    # No network here (nor in CI): the download fails, and the error says what to put where.
+    with pytest.raises(ConfigError) as error:
+        weight_files(_cfg(weights="COCO_V1", weights_backbone="IMAGENET1K_V1"))
+    message = str(error.value)
+    assert message.startswith(f"model.weights=COCO_V1: {expected.name} is not in the torch hub cache")
+    assert f"put it at {expected}" in message and coco.url in message

@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from detexp.checkpoints import find_checkpoint
 from detexp.train import train
 
 
@@ -15,34 +16,57 @@ def _history(client, run_id, key):
 
 
 @pytest.mark.parametrize("workers", [1])
-def test_smoke_run_logs_everything(ray_cluster, smoke_cfg, tmp_path, workers):
-    cfg = smoke_cfg(f"scaling.num_workers={workers}")
-    result = train(cfg, tmp_path / "run", overrides=[f"scaling.num_workers={workers}"])
+def test_smoke_run_logs_everything_and_stops_early(ray_cluster, smoke_cfg, tmp_path, workers):
+    # lr 0.02 is declared for 8 images a step; smoke trains on 4 (1 worker x 4): lr 0.01.
+    # Patience: the number of val images never improves, so epoch 1 stays the best and
+    # patience 1 ends the 4-epoch run after epoch 2 (a smoke model's map_50 is too close
+    # to 0 to rank epochs reliably); the best checkpoint is then not the last one.
+    early = ("schedule.epochs=4", "schedule.patience=1", "schedule.monitor=val/images")
+    cfg = smoke_cfg(f"scaling.num_workers={workers}", "optimizer.reference_batch=8", *early)
+    run_dir = tmp_path / "run"
+    result = train(cfg, run_dir, overrides=[f"scaling.num_workers={workers}"])
+    lr = cfg.optimizer.lr * workers * cfg.dataset.batch_size / 8
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     # every resolved config value as a param under its dotted key
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
+    assert float(run.data.params["optimizer.scaled_lr"]) == pytest.approx(lr)
     assert run.data.params["scaling.num_workers"] == str(workers)
     assert run.data.params["dataset.classes"] == str(list(cfg.dataset.classes))
     assert run.data.tags["detexp.overrides"] == f"scaling.num_workers={workers}"
     # one value per epoch (not per batch) for losses, lr and validation metrics
-    epochs = cfg.schedule.epochs
+    epochs = 2  # of 4: stopped early
     for key in ("train/loss", "train/loss_classifier", "train/loss_box_reg", "train/lr", "val/map", "val/map_50"):
         assert len(_history(client, run.info.run_id, key)) == epochs, key
     lrs = _history(client, run.info.run_id, "train/lr")
-    assert lrs[1] == pytest.approx(cfg.optimizer.lr * cfg.schedule.lr_gamma)  # MultiStepLR at epoch 1
+    assert lrs[1] == pytest.approx(lr * cfg.schedule.lr_gamma)  # the scaled lr, MultiStepLR at epoch 1
     assert run.data.metrics["data/train_images"] == cfg.dataset.synth.num_train
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert checkpoints == ["checkpoints/model_best.pt", "checkpoints/model_final.pt"]
-    assert run.data.metrics["best/epoch"] in (0, 1) and "best/val_map_50" in run.data.metrics
+    assert "eval/metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+
+    # the early stop, said and recorded; the best epoch kept beside the last
+    assert result["epochs_trained"] == 2
+    assert result["stop_reason"] == (
+        "early stop: val/images did not improve for 1 epoch(s) after epoch 1 (16.0000); trained 2 of 4 epochs"
+    )
+    assert run.data.tags["detexp.stop_reason"] == result["stop_reason"]
+    assert run.data.tags["detexp.best_epoch"] == "1"
+    assert run.data.metrics["best/epoch"] == 0 and run.data.metrics["best/val_images"] == 16
+    best = torch.load(run_dir / "model_best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0 and best["best"]["bad_epochs"] == 0
+    assert find_checkpoint(str(run_dir)) == (run_dir / "model_best.pt").resolve()  # what eval/predict take
+    again = train(smoke_cfg(*early, "resume=true"), run_dir)  # nothing more to train
+    assert again["epochs_trained"] == 2
 
     # the checkpoint holds the unwrapped model (no "module." prefix with DDP) and loads safely
     ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == epochs - 1
+    assert ckpt["epoch"] == epochs - 1 and ckpt["best"]["bad_epochs"] == 1
     assert {"model", "optimizer", "lr_scheduler", "config", "epoch"} <= ckpt.keys()
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["scaling"]["num_workers"] == workers
+    assert ckpt["config"]["optimizer"]["lr"] == pytest.approx(lr)  # what it trained with

@@ -11,6 +11,7 @@ the patience count) and ``classes``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
 FINAL_FILE = "model_final.pt"
 BEST_FILE = "model_best.pt"
 RUN_ID_FILE = "mlflow_run_id"  # a training run directory's MLflow run id
-TRAIN_NAME = "train"  # RunConfig(name): checkpoints live in <storage>/train
+TRAIN_NAME = "train"  # RunConfig(name) with the default storage: <run dir>/checkpoints/train
 # File names a run directory of `train` may hold, in the order eval prefers them.
 CHECKPOINT_NAMES = (BEST_FILE, FINAL_FILE, CHECKPOINT_FILE)
 
@@ -177,6 +178,27 @@ def prepare_inference(cfg: DictConfig, overrides: Sequence[str] | None):
 # -- Ray Train's checkpoints of a run ---------------------------------------------------------
 
 
+def storage_location(storage_path: str | None, run_dir: Path) -> tuple[str, str]:
+    """``(storage, name)`` for Ray Train's ``RunConfig``: by default ``<run dir>/checkpoints``
+    and ``train``; with ``scaling.storage_path`` (shared by many runs) that path or URI and
+    a name unique to the run directory, so a resumed run finds its own checkpoints."""
+    if not storage_path:
+        return str(run_dir / "checkpoints"), TRAIN_NAME
+    name = f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+    if "://" in storage_path:
+        return storage_path.rstrip("/"), name
+    return str(Path(storage_path).expanduser().resolve()), name
+
+
+def _exists(path: str) -> bool:
+    if "://" not in path:
+        return Path(path).is_file()
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    return fs.get_file_info(inner).type == pyarrow.fs.FileType.File
+
+
 @dataclass
 class SavedCheckpoint:
     """The newest checkpoint Ray Train registered for a run, and the ones it still keeps."""
@@ -187,13 +209,13 @@ class SavedCheckpoint:
     kept: list[tuple[Any, dict[str, Any]]]  # (checkpoint, metrics), oldest first
 
 
-def latest_checkpoint(experiment_dir: Path) -> SavedCheckpoint | None:
+def latest_checkpoint(experiment_dir: str | Path) -> SavedCheckpoint | None:
     """What ``ray.train.get_checkpoint()`` will hand the workers when a run re-uses
     ``RunConfig(name, storage_path)``: read from Ray Train's snapshot of the run, so a
     half-written checkpoint folder (a crash mid-upload) never counts."""
     from ray.train import Result
 
-    if not (experiment_dir / "checkpoint_manager_snapshot.json").is_file():
+    if not _exists(f"{experiment_dir}/checkpoint_manager_snapshot.json"):
         return None
     ray_train_log = logging.getLogger("ray.train")
     level = ray_train_log.level

@@ -74,6 +74,9 @@ class OptimizerConfig:
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # The global batch (workers x dataset.batch_size) that `lr` belongs to; when set, the
+    # lr used is scaled linearly to the run's global batch (null = lr as given).
+    reference_batch: int | None = None
 
 
 @dataclass
@@ -100,11 +103,19 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 0  # Ray Train FailureConfig: worker failures to recover from
+    # Where Ray Train keeps checkpoints: null = <run dir>/checkpoints; on a cluster of
+    # several nodes a shared filesystem path or a URI (s3://, gs://) every node reaches.
+    storage_path: str | None = None
+    # Elastic training: train on as few as min_workers (up to num_workers) when nodes are
+    # lost, growing back when they return (null = always num_workers).
+    min_workers: int | None = None
+    placement_strategy: str = "PACK"  # PACK fills a node before the next; SPREAD one worker per node first
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
+    # MLFLOW_TRACKING_URI when set (a Ray job's runtime env, say), else ./mlflow.db
+    uri: str = "${oc.env:MLFLOW_TRACKING_URI,sqlite:///mlflow.db}"
     experiment: str = "detexp"
     run_name: str | None = None
 
@@ -127,6 +138,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     checkpoints_to_keep: int = 2
+    # At the end, evaluate the best model on the val split as `detexp eval` does (per-class
+    # AP, PR curves, image grid in <run dir>/eval and MLflow); false saves its time in sweeps.
+    eval_at_end: bool = True
 
 
 @dataclass

@@ -4,10 +4,12 @@ resource requests, and run the TorchTrainer while streaming per-epoch results ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -78,6 +80,90 @@ def check_resources(scaling: Any) -> None:
             f"asked for scaling.num_workers={scaling.num_workers} GPU workers, but the Ray "
             f"cluster has {gpus:g} GPUs; lower scaling.num_workers or set scaling.use_gpu=false"
         )
+
+
+def _worker_nodes() -> list[dict[str, Any]]:
+    """Alive nodes that can host a Train worker (have CPUs)."""
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+
+
+@ray.remote(num_cpus=0)
+def _probe(storage: str, token: str, dataset_root: str) -> str | None:
+    """Runs on one node: can it read the driver's token in ``storage``, write its own
+    there, and read ``dataset_root``? Returns what is wrong, or None."""
+    import pyarrow.fs
+
+    try:
+        fs, base = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
+        with fs.open_input_stream(f"{base}/{token}") as f:
+            f.read()
+        with fs.open_output_stream(f"{base}/{token}.{ray.get_runtime_context().get_node_id()[:12]}") as f:
+            f.write(b"ok")
+    except Exception as exc:  # noqa: BLE001 - reported with the node's name
+        return f"cannot use scaling.storage_path={storage} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    if not os.path.isdir(dataset_root) or not os.access(dataset_root, os.R_OK):
+        return f"cannot read dataset.root={dataset_root}"
+    return None
+
+
+def check_storage(storage: str, dataset_root: Any, timeout_s: float = 60.0) -> None:
+    """On a cluster of several nodes, fail before training unless every node that may host
+    a worker can read and write the checkpoint storage and read the dataset: a worker that
+    reports a checkpoint into a disk only it sees would fail only then, maybe hours in.
+    The driver writes a token that each node must read (so a node-local path that merely
+    exists everywhere is refused), and reads back each node's own."""
+    import uuid
+
+    import pyarrow.fs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = _worker_nodes()
+    if len(nodes) < 2:
+        return  # one machine: its own disk is shared by every worker
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
+    token = f".detexp-storage-check-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(f"{base}/{token}") as f:
+            f.write(b"ok")
+    except Exception as exc:  # noqa: BLE001
+        raise ResourceError(f"the driver cannot write scaling.storage_path={storage}: {exc}") from None
+    probes = {
+        n["NodeID"]: _probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(storage, token, str(dataset_root))
+        for n in nodes
+    }
+    problems = []
+    try:
+        for node_id, ref in probes.items():
+            name = next(f"{n['NodeManagerAddress']} ({node_id[:12]})" for n in nodes if n["NodeID"] == node_id)
+            try:
+                problem = ray.get(ref, timeout=timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a node that does not answer
+                problem = f"did not answer the storage check ({type(exc).__name__})"
+            if problem is None and fs.get_file_info(f"{base}/{token}.{node_id[:12]}").type != pyarrow.fs.FileType.File:
+                problem = f"wrote into scaling.storage_path={storage}, but the driver cannot see it (not shared storage)"
+            if problem:
+                problems.append(f"node {name}: {problem}")
+    finally:
+        for path in [f"{base}/{token}"] + [f"{base}/{token}.{node_id[:12]}" for node_id in probes]:
+            with contextlib.suppress(Exception):  # best effort clean-up
+                fs.delete_file(path)
+    if problems:
+        raise ResourceError(
+            "the cluster's nodes cannot all reach the run's storage or data; use a shared filesystem "
+            "or a URI (s3://, gs://) for scaling.storage_path and a dataset.root every node mounts:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def share_files(paths: list[Any]) -> dict[str, Any]:
+    """File name -> object ref of its bytes, for files every worker node needs (model
+    weights in the torch hub cache); empty on one machine, where they are on disk already."""
+    if len(_worker_nodes()) < 2:
+        return {}
+    return {Path(p).name: [ray.put(Path(p).read_bytes())] for p in paths}
 
 
 class _ValidationNotDropped(DataConfig):
@@ -166,8 +252,10 @@ def fit(
         train_loop_per_worker,
         train_loop_config=train_loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
+            # (min, max) is Ray Train's elastic mode: it restarts on the workers it can place
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
             use_gpu=scaling.use_gpu,
+            placement_strategy=scaling.placement_strategy,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(

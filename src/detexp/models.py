@@ -62,6 +62,37 @@ def check_model_config(cfg: Any) -> None:
         raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: no such file")
 
 
+def weight_files(cfg: Any) -> list[Path]:
+    """The torchvision weight files ``cfg`` needs, each in the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints``): downloaded there now when missing, or refused with
+    the file's name and where to put it. Runs on the driver, before Ray starts, so a
+    machine without internet fails in seconds rather than inside a worker."""
+    check_model_config(cfg)
+    _, weights_enum, backbone_enum = BUILDERS[cfg.name]
+    wanted = [
+        (key, name, _weight(enum, name, key))
+        for key, name, enum in (("model.weights", cfg.weights, weights_enum),
+                                ("model.weights_backbone", cfg.weights_backbone, backbone_enum))
+    ]
+    files = []
+    for key, name, weights in wanted:
+        if weights is None or (key == "model.weights_backbone" and cfg.weights is not None):
+            continue  # the detector's weights include its backbone's
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not path.is_file():
+            try:
+                torch.hub.load_state_dict_from_url(weights.url, progress=False, map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - no network, a proxy, a full disk
+                reason = getattr(exc, "reason", exc)
+                raise ConfigError(
+                    f"{key}={name}: {path.name} is not in the torch hub cache and cannot be downloaded "
+                    f"({reason}); download {weights.url} on a machine with internet access and put it at "
+                    f"{path} (or set TORCH_HOME to a folder whose hub/checkpoints holds it)"
+                ) from None
+        files.append(path)
+    return files
+
+
 def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
     """A Faster R-CNN for ``num_classes`` (background included) as ``cfg`` describes.
 

@@ -2,9 +2,10 @@
 
 The default recipe follows torchvision's detection references (and the Ray tutorial):
 SGD with momentum, a linear warm-up over the first ``warmup_iters`` steps of epoch 0,
-then MultiStepLR stepped once per epoch. torchvision's references scale lr linearly with
-the total batch size (0.02 for 16 images); with ``num_workers * batch_size`` images per
-step, scale ``optimizer.lr`` accordingly.
+then MultiStepLR stepped once per epoch. torchvision's references (and Detectron2's
+REFERENCE_WORLD_SIZE) scale lr linearly with the global batch: 0.02 belongs to 16 images
+a step. ``optimizer.reference_batch`` says which global batch ``optimizer.lr`` belongs
+to; :func:`scaled_lr` gives the lr for the run's ``num_workers * batch_size``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
         raise ConfigError(f"schedule.name={schedule.name!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr={optimizer.lr} must be positive")
+    if optimizer.reference_batch is not None and optimizer.reference_batch < 1:
+        raise ConfigError(f"optimizer.reference_batch={optimizer.reference_batch} must be at least 1 (or null)")
     if schedule.epochs < 1:
         raise ConfigError(f"schedule.epochs={schedule.epochs} must be at least 1")
     if list(schedule.lr_steps) != sorted(schedule.lr_steps):
         raise ConfigError(f"schedule.lr_steps={list(schedule.lr_steps)} must be increasing")
     if not 0 < schedule.warmup_factor <= 1:
         raise ConfigError(f"schedule.warmup_factor={schedule.warmup_factor} must be in (0, 1]")
+
+
+def scaled_lr(cfg: Any, num_workers: int, batch_size: int) -> float:
+    """``cfg.lr`` scaled linearly from ``cfg.reference_batch`` images a step to
+    ``num_workers * batch_size`` (the linear scaling rule); ``cfg.lr`` when no reference is set."""
+    if cfg.reference_batch is None:
+        return float(cfg.lr)
+    return float(cfg.lr) * num_workers * batch_size / cfg.reference_batch
 
 
 def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -79,10 +79,14 @@ class EpochProgress:
         per_epoch = (time.perf_counter() - self.started) / self.done
         eta = per_epoch * (self.epochs - epoch - 1)
         parts = " ".join(f"{short} {metrics.get('train/' + k, float('nan')):.3f}" for k, short in self.SHORT.items())
+        workers = int(metrics.get("train/workers", 1))
         log.info(
-            "epoch %d/%d  loss %.3f (%s)  lr %.4g  %.2f steps/s  val map %.3f map_50 %.3f%s  ETA %s",
+            "epoch %d/%d  loss %.3f (%s)  lr %.4g  %.2f steps/s%s  val map %.3f map_50 %.3f%s  ETA %s",
             epoch + 1, self.epochs, metrics.get("train/loss", float("nan")), parts, metrics.get("train/lr", 0.0),
-            metrics.get("train/steps_per_s", 0.0), metrics.get("val/map", float("nan")),
+            metrics.get("train/steps_per_s", 0.0),
+            f" on {workers} workers" + (f", {int(metrics['train/nodes'])} nodes" if metrics.get("train/nodes", 1) > 1 else "")
+            if workers > 1 else "",
+            metrics.get("val/map", float("nan")),
             metrics.get("val/map_50", float("nan")), " (best)" if metrics.get("improved") else "",
             duration(0 if metrics.get("stopped_early") else eta),
         )

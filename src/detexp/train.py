@@ -24,9 +24,9 @@ from detexp.checkpoints import (
     BEST_FILE,
     FINAL_FILE,
     RUN_ID_FILE,
-    TRAIN_NAME,
     copy_checkpoint_file,
     latest_checkpoint,
+    storage_location,
 )
 from detexp.data.parsing import object_name_images
 from detexp.data.problems import (
@@ -58,6 +58,13 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} must be at least 1")
     if cfg.scaling.num_workers < 1 or cfg.scaling.cpus_per_worker < 1:
         raise ConfigError("scaling.num_workers and scaling.cpus_per_worker must be at least 1")
+    if cfg.scaling.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ConfigError(f"scaling.placement_strategy={cfg.scaling.placement_strategy!r}: choose PACK or SPREAD")
+    min_workers = cfg.scaling.min_workers
+    if min_workers is not None and not 1 <= min_workers <= cfg.scaling.num_workers:
+        raise ConfigError(
+            f"scaling.min_workers={min_workers} must be between 1 and scaling.num_workers={cfg.scaling.num_workers}"
+        )
     schedule = cfg.schedule
     if not schedule.monitor.startswith("val/"):
         raise ConfigError(f"schedule.monitor={schedule.monitor!r}: the best epoch is chosen on a validation metric, e.g. val/map_50")
@@ -94,24 +101,32 @@ def train(
     :class:`TrainingDivergedError` when the loss becomes NaN/inf (the MLflow run is then
     FAILED and the last good checkpoint stays)."""
     from detexp import launch
+    from detexp.models import weight_files
+    from detexp.optim import scaled_lr
     from detexp.tracking import Tracker, default_tags
 
     check_train_config(cfg)
     run_dir = Path(run_dir).resolve()
-    ckpt_root = run_dir / "checkpoints"
-    previous = latest_checkpoint(ckpt_root / TRAIN_NAME)
+    storage, train_name = storage_location(cfg.scaling.storage_path, run_dir)
+    experiment = f"{storage}/{train_name}"
+    previous = latest_checkpoint(experiment)
     if previous is not None and not cfg.resume:
         raise ConfigError(
             f"{run_dir} already holds a run's checkpoints (last: epoch {previous.epoch + 1}); "
             "pass resume=true to continue it, or choose another hydra.run.dir"
         )
+    weights = weight_files(cfg.model)  # cached or downloaded here, or refused: never in a worker
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # refuses a dead server early
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    lr = scaled_lr(cfg.optimizer, cfg.scaling.num_workers, cfg.dataset.batch_size)
+    params = {**resolved, "optimizer": {**resolved["optimizer"], "scaled_lr": lr}}
+    # The workers (and the checkpoints' stored config) get the lr they train with.
+    worker_cfg = {**resolved, "optimizer": {**resolved["optimizer"], "lr": lr, "reference_batch": None}}
     run_tags = {**default_tags("train", list(overrides)), **(tags or {})}
     epochs = cfg.schedule.epochs
     finished = previous is not None and (previous.epoch + 1 >= epochs or previous.metrics.get("stopped_early"))
     if finished:  # nothing to train: no Ray, no data
-        run_id = _start_or_resume_run(tracker, cfg, resolved, run_dir, run_tags)
+        run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags)
         progress = _progress(cfg, tracker, previous, callbacks, run_dir)
         progress.backfill(previous)
         if previous.metrics.get("stopped_early"):
@@ -129,6 +144,7 @@ def train(
 
     launch.init_ray(cfg.ray.address, cfg.ray.verbose)
     launch.check_resources(cfg.scaling)
+    launch.check_storage(storage, source.root)  # every node that may host a worker reaches both
     datasets, counts, problems = _load_datasets(cfg, source)
     _apply_error_policy(cfg, problems, run_dir, source)
     rows_per_worker = counts["data/train_images"] // cfg.scaling.num_workers
@@ -140,7 +156,7 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_id = _start_or_resume_run(tracker, cfg, resolved, run_dir, run_tags)
+    run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags)
     if not tracker.logged_steps("data/train_images"):  # once per run, not per resume
         tracker.log_metrics(counts, step=0)
     for name in ("config.yaml", "data/skipped.csv"):
@@ -158,7 +174,16 @@ def train(
     elif cfg.resume:
         log.info("resume=true, but %s holds no checkpoint yet: starting at epoch 1", run_dir)
 
-    loop_config = {"cfg": resolved, "steps_per_epoch": math.ceil(rows_per_worker / cfg.dataset.batch_size)}
+    if cfg.optimizer.reference_batch is not None:
+        log.info(
+            "lr %g is for %d images a step (optimizer.reference_batch); %d worker(s) x %d images: lr %g",
+            cfg.optimizer.lr, cfg.optimizer.reference_batch, cfg.scaling.num_workers, cfg.dataset.batch_size, lr,
+        )
+    loop_config = {
+        "cfg": worker_cfg,
+        "steps_per_epoch": math.ceil(rows_per_worker / cfg.dataset.batch_size),
+        "weights": launch.share_files(weights),  # nodes without them get them from the object store
+    }
     log.info(
         "training %s on %d images (%d val) with %d worker(s), %d epochs; run dir %s",
         cfg.model.name, counts["data/train_images"], counts["data/val_images"],
@@ -166,17 +191,17 @@ def train(
     )
     try:
         result = launch.fit(
-            loop_config, datasets, cfg.scaling, str(ckpt_root), TRAIN_NAME, cfg.checkpoints_to_keep,
+            loop_config, datasets, cfg.scaling, storage, train_name, cfg.checkpoints_to_keep,
             progress.on_report, progress.on_failure, ray_callbacks,
         )
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise _explain(exc, run_dir) from None
+        raise _explain(exc, run_dir, experiment) from None
 
     if progress.diverged is not None:
         tracker.end("FAILED")
-        raise _diverged(progress.diverged, result.checkpoint, epochs, run_dir)
-    if source.val_ids:  # per-class AP, PR curves, image grid of the best model, as `detexp eval`
+        raise _diverged(progress.diverged, result.checkpoint, epochs, experiment)
+    if source.val_ids and cfg.eval_at_end:  # per-class AP, PR curves, image grid of the best model
         from detexp.evaluate import report_training
 
         best = run_dir / BEST_FILE
@@ -275,7 +300,7 @@ def _start_or_resume_run(tracker, cfg, resolved, run_dir: Path, tags: Mapping[st
     return run_id
 
 
-def _explain(exc: BaseException, run_dir: Path) -> BaseException:
+def _explain(exc: BaseException, run_dir: Path, experiment: str) -> BaseException:
     """Turn a Ray Train failure into one line that says what happened and what was kept."""
     from ray.train import TrainingFailedError
 
@@ -286,19 +311,19 @@ def _explain(exc: BaseException, run_dir: Path) -> BaseException:
     failures = getattr(exc, "worker_failures", {}) or {}
     text = describe_failure(next(iter(failures.values()), exc))
     return DetexpError(
-        f"training failed: {text}; checkpoints so far are in {run_dir / 'checkpoints'} "
+        f"training failed: {text}; checkpoints so far are in {experiment} "
         f"(continue with resume=true hydra.run.dir={run_dir})"
     )
 
 
-def _diverged(diverged: tuple[int, dict[str, Any]], checkpoint, epochs: int, run_dir: Path) -> DetexpError:
+def _diverged(diverged: tuple[int, dict[str, Any]], checkpoint, epochs: int, experiment: str) -> DetexpError:
     epoch, info = diverged
     losses = ", ".join(f"{k}={v:.4g}" for k, v in info["losses"].items())
     where = f" on worker {info['rank']}" if info.get("rank") else ""
     if checkpoint is not None:
         from ray.train import Result
 
-        good = Result.from_path(str(run_dir / "checkpoints" / TRAIN_NAME)).metrics["epoch"] + 1
+        good = Result.from_path(experiment).metrics["epoch"] + 1
         kept = f"the last good checkpoint (epoch {good}/{epochs}) is in {checkpoint.path}"
     else:
         kept = "no checkpoint was written before it"

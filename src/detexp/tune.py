@@ -54,18 +54,19 @@ def trial_resources(scaling: Any) -> tuple[float, int]:
 
 
 def max_concurrent_trials(scaling: Any, cluster: Mapping[str, float], data_cpus: int) -> int:
-    """How many trials the cluster can run at once, keeping ``data_cpus`` free for the
-    data pipeline; raises :class:`ResourceError` when not even one fits."""
+    """How many trials the cluster can run at once, keeping ``data_cpus`` free for each
+    trial's own data pipeline (two trials sharing one spare CPU stalled both, measured on
+    a two-node cluster); raises :class:`ResourceError` when not even one fits."""
     cpus, gpus = trial_resources(scaling)
     have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    by_cpu = int((have_cpus - data_cpus) // cpus)
+    by_cpu = int(have_cpus // (cpus + data_cpus))
     by_gpu = int(have_gpus // gpus) if gpus else by_cpu
     fits = min(by_cpu, by_gpu)
     if fits < 1:
         raise ResourceError(
             f"one trial needs {cpus:g} CPUs ({TRIAL_CPUS:g} for the trial + scaling.num_workers="
             f"{scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker}) and {gpus} GPUs, "
-            f"plus {data_cpus} CPU for data loading, but the Ray cluster has {have_cpus:g} CPUs and "
+            f"plus {data_cpus} CPU for its data loading, but the Ray cluster has {have_cpus:g} CPUs and "
             f"{have_gpus:g} GPUs; lower scaling.num_workers or scaling.cpus_per_worker"
         )
     return fits
@@ -150,6 +151,7 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
 
     from detexp import launch
     from detexp.checkpoints import RUN_ID_FILE
+    from detexp.models import weight_files
     from detexp.tracking import Tracker, default_tags
 
     base, space = check_tune_config(cfg)
@@ -161,6 +163,7 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
         raise ConfigError(
             f"{run_dir} already holds a tune run; pass resume=true to continue it, or choose another hydra.run.dir"
         )
+    weight_files(base.model)  # in the cache (or downloaded) before any trial starts
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
     launch.init_ray(base.ray.address, base.ray.verbose)
     launch.check_resources(base.scaling)

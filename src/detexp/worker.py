@@ -46,6 +46,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if threads:  # Ray sets it to the worker's CPU share; make torch honour it
         torch.set_num_threads(int(threads))
 
+    _place_weight_files(config.get("weights") or {})
     model = build_detector(cfg.model, num_classes)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
@@ -95,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/steps": stats.steps * _world_size(),
             "train/images": stats.images * _world_size(),  # train shards are equal in size
             "train/steps_per_s": stats.steps_per_second,
+            "train/workers": _world_size(),  # fewer than scaling.num_workers after an elastic resize
+            "train/nodes": _node_count(),
             "train/epoch_s": stats.seconds,
             "val/epoch_s": time.perf_counter() - val_start,
             **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
@@ -110,9 +113,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
 
 
+def _place_weight_files(files: dict[str, Any]) -> None:
+    """Put the torchvision weight files the driver shipped into this node's torch hub cache
+    (once per node; the driver checked them, so no worker ever downloads)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for name, (ref,) in files.items():
+        target = folder / name
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(f".{os.getpid()}.part")
+            partial.write_bytes(ray.get(ref))
+            partial.replace(target)  # atomic: workers of one node may race here
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model under DDP (which ``prepare_model`` applies only with >1 worker)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _node_count() -> int:
+    """How many machines the workers of this epoch ran on."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 1
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def _world_size() -> int:
