@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -39,6 +40,48 @@ def compose_train(overrides: list[str] | None = None, config_name: str = "train"
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
+
+
+@pytest.fixture(scope="session")
+def trained_smoke(ray_cluster, shapes_cache, tmp_path_factory) -> SimpleNamespace:
+    """ONE smoke training run (about a minute) with its own SQLite store, shared by
+    test_eval and test_ui: ``root``, ``uri``, ``cfg``, ``result`` (what ``train`` returned)
+    and ``first_epoch`` (the first epoch's checkpoint)."""
+    from detexp.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{root}/mlflow.db"
+    overrides = [
+        "+experiment=smoke", "dataset.synth.num_train=16", "dataset.synth.num_val=8",  # half the smoke data
+        f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}",
+        "tracking.register_model=shapes",  # test_tracking predicts with models:/shapes/1
+        "progress_every_s=0",  # every live progress message rank 0 sends becomes a line
+    ]
+    cfg = compose_train(overrides)
+    lines, logger = _Lines(), logging.getLogger("detexp")
+    level = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        result = train(cfg, root / "train", overrides)
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    first_epoch = sorted((root / "train" / "checkpoints" / "train").glob("checkpoint_*"))[0]
+    return SimpleNamespace(
+        root=root, uri=uri, cfg=cfg, overrides=overrides, result=result, first_epoch=first_epoch, log=lines.messages,
+    )
+
+
+class _Lines(logging.Handler):
+    """The console lines of a run made in-process (what a user would have read)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @pytest.fixture

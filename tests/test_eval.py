@@ -1,5 +1,5 @@
 """``detexp eval`` end to end, and the report at the end of ``detexp train``, on ONE smoke
-training run made once for this module (about a minute), plus the one-line errors.
+training run made once for the session (conftest.py's ``trained_smoke``, about a minute), plus the one-line errors.
 
 The smoke run barely learns: its final model detects nothing above torchvision's 0.05
 score floor, while the checkpoint of its first epoch still makes hundreds of low-scoring
@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,19 +36,15 @@ METRIC_KEYS = {
     "map", "map_50", "map_75", "map_small", "map_medium", "map_large", "voc07_map", "voc12_map", "per_class",
 }
 CLASSES = ["circle", "square", "triangle", "cross"]
+DIAGNOSTICS = (
+    "confusion_matrix.csv", "confusion_matrix.png", "threshold_curves.csv", "threshold_curves.png", "worst_images.jpg",
+)
 
 
-@pytest.fixture(scope="module")
-def trained(ray_cluster, shapes_cache, tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{root}/mlflow.db"
-    cfg = compose_train([
-        "+experiment=smoke", "dataset.synth.num_train=16", "dataset.synth.num_val=8",  # half the smoke data
-        f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}",
-    ])
-    result = train(cfg, root / "train")
-    first_epoch = sorted((root / "train" / "checkpoints" / "train").glob("checkpoint_*"))[0]
-    return SimpleNamespace(root=root, uri=uri, cfg=cfg, result=result, first_epoch=first_epoch)
+@pytest.fixture
+def trained(trained_smoke):
+    """The session's one smoke training run (tests/conftest.py), shared with test_ui."""
+    return trained_smoke
 
 
 def _history(client, run_id, key):
@@ -71,6 +66,7 @@ def test_train_validates_every_epoch_and_reports_at_the_end(trained):
 
     report = {f"eval/{name}" for name in (
         "metrics.json", "predictions.jsonl", "per_class_ap.csv", "per_class_ap.md", "predictions_grid.jpg",
+        *DIAGNOSTICS,
     )} | {f"eval/pr_curves/pr_{c}.png" for c in CLASSES}
     assert report <= _artifacts(client, run_id)
     metrics = json.loads((trained.root / "train" / "eval" / "metrics.json").read_text())
@@ -167,7 +163,7 @@ def test_eval_metrics_agree_with_pycocotools_on_its_own_predictions(trained, tmp
     assert run.data.metrics["eval/map_50"] == pytest.approx(metrics["map_50"])
     assert {
         "metrics.json", "predictions.jsonl", "per_class_ap.csv", "per_class_ap.md", "predictions_grid.jpg",
-        *(f"pr_curves/pr_{c}.png" for c in CLASSES),
+        *DIAGNOSTICS, *(f"pr_curves/pr_{c}.png" for c in CLASSES),
     } <= _artifacts(client, run.info.run_id)
     table = (run_dir / "per_class_ap.csv").read_text().splitlines()
     assert table[0].startswith("class,num_gt,num_det,ap,ap_50") and len(table) == 1 + len(CLASSES) + 1

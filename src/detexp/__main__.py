@@ -5,8 +5,10 @@ app), and turn user errors into one line instead of a traceback."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,6 +43,7 @@ Examples:
 """
 
 log = logging.getLogger("detexp")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _run_train(cfg: DictConfig) -> dict:
@@ -127,6 +130,14 @@ def _guarded(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], objec
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `... --help | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     words = next((w for w in COMMANDS if argv[: len(w)] == list(w)), None)
     if words is None:
@@ -139,8 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     config_name, fn = COMMANDS[words]
     register_configs()
     sys.argv = [f"detexp {' '.join(words)}", *argv[len(words):]]
+    os.environ["DETEXP_COMMAND"] = f"detexp {' '.join(words)}"  # named by the --help header
     try:
-        hydra.main(version_base="1.3", config_path="conf", config_name=config_name)(_guarded(fn))()
+        # An absolute path: the `detexp` console script and `python -m detexp` find the same files.
+        hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(_guarded(fn))()
     except KeyboardInterrupt:
         _finish(interrupted=True)
         raise

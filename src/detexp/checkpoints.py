@@ -53,7 +53,7 @@ class CheckpointInfo:
 def find_checkpoint(path: str | None, key: str = "checkpoint") -> Path:
     """The checkpoint file ``path`` names: a file, or a train run directory (its
     ``model_best.pt``, else ``model_final.pt``), or a Ray checkpoint directory holding
-    ``checkpoint.pt``."""
+    ``checkpoint.pt``. (``models:/NAME/VERSION`` is read by :func:`prepare_inference`.)"""
     if not path:
         raise ConfigError(f"{key} is not set: pass {key}=PATH to a model_final.pt written by `detexp train`")
     p = Path(path).expanduser()
@@ -168,7 +168,14 @@ def prepare_inference(cfg: DictConfig, overrides: Sequence[str] | None):
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
     if cfg.scaling.num_workers < 1 or cfg.scaling.cpus_per_worker < 1:
         raise ConfigError("scaling.num_workers and scaling.cpus_per_worker must be at least 1")
-    ckpt = read_checkpoint(find_checkpoint(cfg.checkpoint))
+    if str(cfg.checkpoint or "").startswith("models:/"):  # a version of the MLflow model registry
+        from detexp.tracking import download_model
+
+        path, run_id = download_model(cfg.checkpoint, cfg.tracking.uri)
+        ckpt = read_checkpoint(path)
+        ckpt.train_run_id = ckpt.train_run_id or run_id
+    else:
+        ckpt = read_checkpoint(find_checkpoint(cfg.checkpoint))
     eff = effective_config(cfg, ckpt, list(overrides or []))
     check_model_config(eff.model)
     state = load_state(ckpt.path, eff.model, len(eff.dataset.classes) + 1)

@@ -117,7 +117,11 @@ class TrackingConfig:
     # MLFLOW_TRACKING_URI when set (a Ray job's runtime env, say), else ./mlflow.db
     uri: str = "${oc.env:MLFLOW_TRACKING_URI,sqlite:///mlflow.db}"
     experiment: str = "detexp"
-    run_name: str | None = None
+    run_name: str | None = None  # null = <model>-<dataset>-<yyyymmdd-hhmmss>
+    # train: log the best (else final) model with mlflow.pytorch and register a new version
+    # of this name; eval/predict then take checkpoint=models:/NAME/VERSION
+    register_model: str | None = None
+    system_metrics: bool = True  # system/* metrics (CPU, memory, disk, network, GPU) every 10 s
 
 
 @dataclass
@@ -141,6 +145,9 @@ class TrainConfig:
     # At the end, evaluate the best model on the val split as `detexp eval` does (per-class
     # AP, PR curves, image grid in <run dir>/eval and MLflow); false saves its time in sweeps.
     eval_at_end: bool = True
+    # During an epoch: a progress bar on a terminal; otherwise (CI, a log file) a line with
+    # step, images/s, running loss and ETA at most every this many seconds.
+    progress_every_s: float = 10.0
 
 
 @dataclass
@@ -181,7 +188,8 @@ class EvalConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     batch_size: int = 4  # images per inference call on each actor
-    # Boxes drawn on the image grid. The metrics and predictions.jsonl use every detection.
+    # Boxes drawn on the image grid, and where the confusion matrix and worst images are
+    # counted. The mAPs, the threshold curves and predictions.jsonl use every detection.
     score_threshold: float = 0.5
     grid_images: int = 8  # val images drawn into predictions_grid.jpg (0 = none)
 

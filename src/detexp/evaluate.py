@@ -33,10 +33,20 @@ from PIL import Image
 from detexp.checkpoints import CHECKPOINT_FILE, load_state, prepare_inference
 from detexp.data.problems import format_problems, write_problems_csv
 from detexp.data.voc import SPLITS_DIR, list_annotation_ids, read_split_ids, seeded_split
+from detexp.diagnostics import (
+    DetectionDiagnostics,
+    ImageErrors,
+    Summary,
+    caption_tiles,
+    write_confusion_matrix,
+    write_threshold_curves,
+)
 from detexp.errors import ConfigError, DatasetError, DetexpError
 from detexp.inference import BATCHES_PER_BLOCK, prediction_records, run_predictor, write_jsonl
 
 log = logging.getLogger("detexp")
+WORST_IMAGES = 8  # images in worst_images.jpg
+
 
 def split_ids(dataset_cfg: Any, root: Path) -> list[str]:
     """The ids ``dataset.val_split`` names; the same rule as training's validation split
@@ -59,11 +69,13 @@ def evaluate_split(
     batch_size: int,
     score_threshold: float = 0.5,
     grid_images: int = 8,
-) -> tuple[dict[str, Any], list[Path]]:
+) -> tuple[dict[str, Any], list[Path], Summary]:
     """Predict ``cfg.dataset``'s val split with ``cfg.model`` and ``state`` on the running
     Ray, and write ``metrics.json``, ``predictions.jsonl``, ``per_class_ap.csv/.md``,
-    ``pr_curves/pr_<class>.png`` and ``predictions_grid.jpg`` into ``out_dir``.
-    Returns the metrics (``DetectionEvaluator.compute()``) and the files written."""
+    ``pr_curves/pr_<class>.png``, ``predictions_grid.jpg`` and the diagnostics at
+    ``score_threshold`` (``confusion_matrix.csv/.png``, ``threshold_curves.csv/.png``,
+    ``worst_images.jpg``) into ``out_dir``. Returns the metrics
+    (``DetectionEvaluator.compute()``), the files written and the diagnostics' totals."""
     from detexp.data.annotations import problems_of, read_annotations
     from detexp.data.pipeline import decode_images
     from detexp.data.source import dataset_root
@@ -83,6 +95,7 @@ def evaluate_split(
     log.info("evaluating %d images of %s (%s) with %d actor(s)", usable, root, cfg.dataset.val_split, cfg.scaling.num_workers)
 
     evaluator = DetectionEvaluator(classes)
+    diagnostics = DetectionDiagnostics(classes, score_threshold, worst=WORST_IMAGES)
     shown = sorted(ids)[: max(grid_images, 0)]
     drawn: dict[str, bytes] = {}
     predictions_path = out_dir / "predictions.jsonl"
@@ -97,6 +110,7 @@ def evaluate_split(
             ids = batch.column("image_id").to_pylist()
             preds, targets = prediction_records(batch)
             evaluator.update(preds, targets)
+            diagnostics.update(preds, targets, ids)
             write_jsonl(out, ids, preds, classes)
             drawn.update({i: d for i, d in zip(ids, batch.column("drawn").to_pylist(), strict=True) if d})
     seconds = time.perf_counter() - started
@@ -113,7 +127,30 @@ def evaluate_split(
         grid = image_grid([Image.open(io.BytesIO(drawn[i])) for i in sorted(drawn)], cols=4)
         files.append(out_dir / "predictions_grid.jpg")
         grid.save(files[-1], quality=90)
-    return metrics, files
+    files += write_confusion_matrix(diagnostics.confusion_matrix(), classes, score_threshold, out_dir)
+    files += write_threshold_curves(diagnostics.threshold_curves(), out_dir)
+    files += _write_worst_images(diagnostics.worst_images(), root, classes, out_dir / "worst_images.jpg")
+    return metrics, files, diagnostics.summary()
+
+
+def _write_worst_images(worst: list[ImageErrors], root: Path, classes: list[str], path: Path) -> list[Path]:
+    """The images with the most errors, drawn as on predictions_grid.jpg and captioned with
+    their counts; read from the dataset on the driver (a handful of images)."""
+    from detexp.data.voc import image_path
+    from detexp.reports import draw_detections, image_grid
+
+    if not worst:
+        return []
+    drawn = []
+    for image in worst:
+        with Image.open(image_path(root, image.image_id)) as pixels:
+            drawn.append(draw_detections(
+                pixels, image.det_boxes, image.det_labels, image.det_scores, classes, image.gt_boxes, image.gt_labels,
+            ))
+    cols, tile = 4, 320
+    grid = caption_tiles(image_grid(drawn, cols, tile), [image.caption for image in worst], cols, tile)
+    grid.save(path, quality=90)
+    return [path]
 
 
 def _apply_error_policy(on_error: str, problems, total: int, out_dir: Path) -> int:
@@ -154,7 +191,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     metrics plus ``run_id`` and ``run_dir``. ``overrides`` are the command line's (which
     model/dataset keys replace the checkpoint's)."""
     from detexp import launch
-    from detexp.tracking import Tracker, inference_tags
+    from detexp.tracking import Tracker, command_line, default_run_name, inference_tags
 
     ckpt, eff, state = prepare_inference(cfg, overrides)
     if eff.dataset.on_error not in ("skip", "raise"):
@@ -166,12 +203,13 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     launch.init_ray(eff.ray.address, eff.ray.verbose)
     launch.check_resources(eff.scaling)
     run_id = tracker.start(
-        eff.tracking.run_name, OmegaConf.to_container(eff, resolve=True),
+        default_run_name(eff, "eval-"), OmegaConf.to_container(eff, resolve=True),
         inference_tags("eval", overrides, ckpt.path, ckpt.train_run_id),
+        description=command_line("eval", list(overrides or [])),
     )
     log.info("eval of %s (training run %s); MLflow run %s", ckpt.path, ckpt.train_run_id or "unknown", run_id)
     try:
-        metrics, files = evaluate_split(eff, state, run_dir, eff.batch_size, eff.score_threshold, eff.grid_images)
+        metrics, files, totals = evaluate_split(eff, state, run_dir, eff.batch_size, eff.score_threshold, eff.grid_images)
         tracker.log_metrics(_headline(metrics, "eval/"), step=0)
         tracker.log_artifact(run_dir / "config.yaml")
         for path in files:
@@ -185,6 +223,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     log.info(
         "map %.4f  map_50 %.4f  voc07_map %.4f  voc12_map %.4f; wrote %s",
         metrics["map"], metrics["map_50"], metrics["voc07_map"], metrics["voc12_map"], run_dir / "metrics.json",
+    )
+    log.info(
+        "at score >= %.2f: %d of %d objects found, %d false detections; confusion matrix in %s",
+        totals.score_threshold, totals.found, totals.objects, totals.false, run_dir / "confusion_matrix.png",
     )
     log.info("browse it with:  %s", tracker.ui_command())
     return {**metrics, "run_id": run_id, "run_dir": str(run_dir)}
@@ -205,7 +247,7 @@ def report_training(cfg: DictConfig, checkpoint: Any, run_dir: str | Path, track
                 state = load_state(Path(d) / CHECKPOINT_FILE, cfg.model, len(cfg.dataset.classes) + 1)
         else:
             state = load_state(Path(checkpoint), cfg.model, len(cfg.dataset.classes) + 1)
-        metrics, files = evaluate_split(cfg, state, Path(run_dir) / "eval", cfg.dataset.batch_size)
+        metrics, files, _ = evaluate_split(cfg, state, Path(run_dir) / "eval", cfg.dataset.batch_size)
         for path in files:
             tracker.log_artifact(path, "eval/pr_curves" if path.parent.name == "pr_curves" else "eval")
     except Exception as exc:  # noqa: BLE001 - the trained model and its run are fine

@@ -223,14 +223,18 @@ def fit(
     on_report: Callable[[dict[str, Any], ray.train.Checkpoint | None], None],
     on_failure: Callable[[int, str], None] | None = None,
     callbacks: Sequence[UserCallback] = (),
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> ray.train.Result:
     """Run the TorchTrainer; ``on_report(metrics, checkpoint)`` is called on the
     driver for every epoch, as it finishes, and ``on_failure(rank, error)`` when a worker
     fails (Ray Train then restarts the workers from the last checkpoint, up to
     ``scaling.max_failures`` times). Re-using ``storage_path`` and ``name`` resumes from
     the last checkpoint of that run. ``callbacks``: more Ray Train callbacks (a Tune
-    trial passes ``TuneReportCallback`` here)."""
+    trial passes ``TuneReportCallback`` here). ``on_step(progress)`` is called every few
+    seconds during an epoch with rank 0's progress (step, total, images/s, running loss)."""
     queue = Queue(actor_options={"num_cpus": 0})
+    if on_step is not None:  # rank 0 puts its progress into the same queue
+        train_loop_config = {**train_loop_config, "progress": queue}
     stop = threading.Event()
 
     def pump() -> None:
@@ -240,7 +244,10 @@ def fit(
             except Empty:
                 continue
             try:
-                if "failure" in item:
+                if "step" in item:
+                    if on_step is not None:
+                        on_step(item["step"])
+                elif "failure" in item:
                     if on_failure is not None:
                         on_failure(item["failure"]["rank"], item["failure"]["error"])
                 else:

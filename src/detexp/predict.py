@@ -54,7 +54,7 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     import ray
 
     from detexp import launch
-    from detexp.tracking import Tracker, inference_tags
+    from detexp.tracking import Tracker, command_line, default_run_name, inference_tags
 
     ckpt, eff, state = prepare_inference(cfg, overrides)
     folder, files = list_images(cfg.input)
@@ -66,8 +66,9 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     launch.init_ray(eff.ray.address, eff.ray.verbose)
     launch.check_resources(eff.scaling)
     run_id = tracker.start(
-        eff.tracking.run_name, OmegaConf.to_container(eff, resolve=True),
+        default_run_name(eff, "predict-"), OmegaConf.to_container(eff, resolve=True),
         inference_tags("predict", overrides, ckpt.path, ckpt.train_run_id),
+        description=command_line("predict", list(overrides or [])),
     )
     classes = list(eff.dataset.classes)
     log.info("predicting %d image(s) from %s with %s", len(files), folder, ckpt.path)

@@ -5,6 +5,7 @@ into MLflow (each epoch once, also across resumes), the best epoch's checkpoint 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ class EpochProgress:
         callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
         run_dir: Path | None = None,
         monitor: str = "val/map_50",
+        progress_every_s: float = 10.0,
     ):
         self.epochs = epochs
         self.max_failures = max_failures
@@ -49,6 +51,8 @@ class EpochProgress:
         self.callbacks = list(callbacks)
         self.best_file = run_dir / BEST_FILE if run_dir is not None else None
         self.monitor = monitor
+        self.best_metrics: dict[str, Any] = {}  # the report of the best epoch so far
+        self.live = LiveProgress(epochs, every_s=progress_every_s)
 
     def backfill(self, previous: SavedCheckpoint) -> None:
         """Log the epochs whose checkpoint Ray kept but whose metrics never reached MLflow
@@ -61,9 +65,13 @@ class EpochProgress:
                          epoch + 1, self.epochs)
             self._keep_best(metrics, checkpoint)
 
+    def on_step(self, info: dict[str, Any]) -> None:
+        self.live.update(info)
+
     def on_report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
         from detexp.worker import DIVERGED
 
+        self.live.close()
         epoch = int(metrics["epoch"])
         if DIVERGED in metrics:
             self.diverged = (epoch, metrics[DIVERGED])
@@ -94,6 +102,8 @@ class EpochProgress:
             callback(metrics)
 
     def _keep_best(self, metrics: dict[str, Any], checkpoint: Any) -> None:
+        if metrics.get("improved"):
+            self.best_metrics = metrics
         if self.best_file is not None and metrics.get("improved") and checkpoint is not None:
             copy_checkpoint_file(checkpoint, self.best_file)
 
@@ -126,6 +136,78 @@ class EpochProgress:
             "worker %d failed: %s; restarting the workers from %s (failure %d of scaling.max_failures=%d)",
             rank, error, start, self.failures, self.max_failures,
         )
+
+
+class LiveProgress:
+    """Rank 0's progress during an epoch: a tqdm bar on a terminal, else (CI, a log file)
+    a plain line at most every ``every_s`` seconds (``progress_every_s``)."""
+
+    def __init__(self, epochs: int, tty: bool | None = None, every_s: float = 10.0):
+        self.epochs, self.every_s = epochs, every_s
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.bar = None
+        self.bar_epoch: int | None = None
+        self.last_line = time.perf_counter()
+
+    def update(self, info: dict[str, Any]) -> None:
+        step, total, epoch = int(info["step"]), info.get("total"), int(info["epoch"])
+        rate = step / max(info["elapsed_s"], 1e-9)  # steps/s so far this epoch
+        eta = (total - step) / rate if total else None
+        if self.tty:
+            self._bar(epoch, total).update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {info['loss']:.3f}, {info['images_per_s']:.1f} images/s", refresh=True)
+            return
+        now = time.perf_counter()
+        if now - self.last_line < self.every_s:
+            return
+        self.last_line = now
+        log.info(
+            "  epoch %d/%d  step %d/%s  loss %.3f  %.1f images/s  epoch ETA %s", epoch + 1, self.epochs, step,
+            total if total else "?", info["loss"], info["images_per_s"], duration(eta) if eta is not None else "?",
+        )
+
+    def _bar(self, epoch: int, total: int | None):
+        if self.bar is None or self.bar_epoch != epoch:
+            from tqdm import tqdm
+
+            self.close()
+            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
+                            file=sys.stdout, dynamic_ncols=True)
+            self.bar_epoch = epoch
+        return self.bar
+
+    def close(self) -> None:
+        """Clear the bar before an epoch's line is printed."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.last_line = time.perf_counter()
+
+
+def summary_table(
+    reason: str, progress: EpochProgress, monitor: str, final: Path | None, best: Path | None,
+    tracker: Any, registered: tuple[str, str] | None,
+) -> str:
+    """The lines a user reads when ``train`` ends: why it stopped, the best epoch and its
+    validation mAPs, where the checkpoints are, the MLflow run and how to browse it."""
+    rows = [("stopped", reason)]
+    chosen = progress.best_metrics or progress.last
+    if progress.best_metrics:
+        rows.append(("best epoch", f"{int(chosen['epoch']) + 1} of {progress.epochs} by {monitor}"))
+    if "val/map" in chosen:
+        rows.append(("val mAP", "  ".join(
+            f"{k} {chosen[f'val/{k}']:.4f}" for k in ("map", "map_50", "voc07_map", "voc12_map") if f"val/{k}" in chosen
+        ) + ("" if progress.best_metrics else "  (last epoch)")))
+    if best is not None:
+        rows.append(("best model", str(best)))
+    if final is not None:
+        rows.append(("last model", str(final)))
+    rows.append(("MLflow run", f"{tracker.run_name()} ({tracker.run_id})"))
+    if registered:
+        rows.append(("registered", f"models:/{registered[0]}/{registered[1]}  (eval/predict checkpoint=...)"))
+    rows.append(("browse", tracker.ui_command()))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["done:"] + [f"  {name.ljust(width)}  {value}" for name, value in rows])
 
 
 def duration(seconds: float) -> str:

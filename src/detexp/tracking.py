@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from detexp.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
+MODEL_ARTIFACT = "model"  # where a registered model's files live in its training run
 # MLflow caps a param value at 6000 characters; longer values are truncated, with a mark.
 _PARAM_MAX = 6000
 _LOCKED_RETRIES = 10  # about 50 s of backoff in all: SQLite's lock is held for milliseconds
@@ -117,6 +119,7 @@ class Tracker:
         check_reachable(self.uri)
         for name in ("mlflow", "alembic"):  # schema-migration chatter on a new store
             logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.client = _RetryingClient(MlflowClient(tracking_uri=self.uri))
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
@@ -126,8 +129,14 @@ class Tracker:
         )
         self.run_id: str | None = None
 
-    def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+    def start(
+        self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str],
+        description: str | None = None,
+    ) -> str:
+        tags = dict(tags)
+        if description:
+            tags["mlflow.note.content"] = description  # the run page's Description
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         flat = {k: _param(v) for k, v in flatten(params).items()}
         items = [Param(k, v) for k, v in flat.items()]
@@ -139,6 +148,18 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         return run_id
+
+    def monitor_system(self, interval_s: float = 10.0) -> None:
+        """Record CPU, memory, disk, network (and GPU, where NVML answers) of this machine
+        as ``system/*`` metrics every ``interval_s`` until :meth:`end`, with MLflow's own
+        monitor. A resumed run continues the steps it has."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.uri
+        )
+        self._monitor.start()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         items = [
@@ -165,14 +186,56 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
+        monitor, self._monitor = getattr(self, "_monitor", None), None
+        if monitor is not None:
+            monitor.finish()  # flushes the samples it holds while the run is still RUNNING
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+    def register_model(self, model: Any, checkpoint_file: Path, name: str) -> tuple[str, str]:
+        """Log ``model`` (a torch module) with ``mlflow.pytorch`` under this run's ``model``
+        artifact, with a tensor signature and the detexp checkpoint it came from as an extra
+        file, and register it as a new version of ``name``. Returns ``(name, version)``."""
+        import tempfile
+
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.exceptions import MlflowException
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        # Faster R-CNN takes a batch of float images in [0, 1] of any size; it returns one dict
+        # of boxes, labels and scores per image, which a tensor schema cannot describe.
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "images")]))
+        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+        # Its warning about pickled models concerns whoever loads this flavour; detexp's own
+        # eval/predict read the weights-only checkpoint stored beside it (docs/security.md).
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pytorch.save_model(
+                model, local, signature=signature, extra_files=[str(checkpoint_file)], pip_requirements=requirements,
+                serialization_format="pickle",  # "pt2" would trace the model with an example input
+            )
+            self.client.log_artifacts(self.run_id, str(local), MODEL_ARTIFACT)
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+        version = self.client.create_model_version(name, source, run_id=self.run_id)
+        return name, str(version.version)
 
     def end_run(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
         """Tag and end another run of this store (a Tune trial the scheduler stopped)."""
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         self.client.set_terminated(run_id, status=status)
+
+    def run_name(self) -> str:
+        return self.client.get_run(self.run_id).info.run_name
 
     def ui_command(self) -> str:
         if self.uri.startswith(("http://", "https://")):
@@ -183,6 +246,53 @@ class Tracker:
 def _param(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
+
+
+def default_run_name(cfg: Any, prefix: str = "") -> str:
+    """``tracking.run_name``, else ``<prefix><model>-<dataset>-<yyyymmdd-hhmmss>``."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    return f"{prefix}{cfg.model.name}-{cfg.dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def command_line(command: str, overrides: Sequence[str]) -> str:
+    """The command that reproduces a run, for its MLflow description."""
+    return " ".join(["python -m detexp", command, *(shlex.quote(o) for o in overrides)])
+
+
+def download_model(uri: str, tracking_uri: str) -> tuple[Path, str | None]:
+    """Fetch a registered model (``models:/NAME/VERSION``, ``models:/NAME/latest`` or
+    ``models:/NAME@alias``) from the store at ``tracking_uri``; returns the detexp
+    checkpoint it holds and the training run it came from."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    store = resolve_uri(tracking_uri)
+    name, _, ref = uri[len("models:/"):].partition("/")
+    # The version is resolved with a client of this store: mlflow's own models:/ resolution
+    # would ask the process-wide registry URI instead.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    try:
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif ref == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise MlflowException(f"Registered Model with name={name} not found")
+            version = max(versions, key=lambda v: int(v.version))
+        else:
+            version = client.get_model_version(name, ref)
+        source = client.get_model_version_download_uri(name, version.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store))
+    except (MlflowException, OSError, ValueError) as exc:
+        raise TrackingError(
+            f"checkpoint={uri}: not found in the MLflow store {tracking_uri} ({str(exc).splitlines()[0]})"
+        ) from None
+    files = sorted((local / "extra_files").glob("*.pt"))
+    if not files:
+        raise TrackingError(f"checkpoint={uri}: a model that `detexp train tracking.register_model=...` did not register")
+    return files[0], version.run_id
 
 
 def default_tags(command: str, overrides: list[str]) -> dict[str, str]:

@@ -38,7 +38,7 @@ from detexp.data.problems import (
 from detexp.data.source import DataSource, resolve
 from detexp.data.voc import Problem
 from detexp.errors import ConfigError, DetexpError, TrainingDivergedError
-from detexp.progress import EPOCH_KEY, EpochProgress
+from detexp.progress import EPOCH_KEY, EpochProgress, summary_table
 
 log = logging.getLogger("detexp")
 
@@ -65,6 +65,9 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"scaling.min_workers={min_workers} must be between 1 and scaling.num_workers={cfg.scaling.num_workers}"
         )
+    name = cfg.tracking.register_model
+    if name is not None and (not name.strip() or any(c in name for c in "/:@")):
+        raise ConfigError(f"tracking.register_model={name!r}: a registry name without '/', ':' or '@'")
     schedule = cfg.schedule
     if not schedule.monitor.startswith("val/"):
         raise ConfigError(f"schedule.monitor={schedule.monitor!r}: the best epoch is chosen on a validation metric, e.g. val/map_50")
@@ -85,6 +88,7 @@ def train(
     callbacks: Sequence[EpochCallback] = (),
     ray_callbacks: Sequence[Any] = (),
     tags: Mapping[str, str] | None = None,
+    live_progress: bool = True,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says, writing checkpoints and the resolved config into
     ``run_dir`` and everything into one MLflow run. Returns the last epoch's metrics
@@ -93,7 +97,8 @@ def train(
     ``overrides``: the command line's, recorded with the run. ``callbacks`` are called on
     the driver with each epoch's metrics once they are logged; ``ray_callbacks`` go to Ray
     Train's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``); ``tags`` are added
-    to the MLflow run (``mlflow.parentRunId`` for a run of a sweep).
+    to the MLflow run (``mlflow.parentRunId`` for a run of a sweep); ``live_progress``
+    shows rank 0's steps during each epoch (a Tune trial turns it off).
 
     With ``cfg.resume`` and a ``run_dir`` that holds checkpoints, training continues
     after the last checkpoint (model, optimizer, schedule) in the same MLflow run;
@@ -126,7 +131,7 @@ def train(
     epochs = cfg.schedule.epochs
     finished = previous is not None and (previous.epoch + 1 >= epochs or previous.metrics.get("stopped_early"))
     if finished:  # nothing to train: no Ray, no data
-        run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags)
+        run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags, overrides)
         progress = _progress(cfg, tracker, previous, callbacks, run_dir)
         progress.backfill(previous)
         if previous.metrics.get("stopped_early"):
@@ -156,7 +161,9 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags)
+    run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags, overrides)
+    if cfg.tracking.system_metrics:
+        tracker.monitor_system()
     if not tracker.logged_steps("data/train_images"):  # once per run, not per resume
         tracker.log_metrics(counts, step=0)
     for name in ("config.yaml", "data/skipped.csv"):
@@ -193,6 +200,7 @@ def train(
         result = launch.fit(
             loop_config, datasets, cfg.scaling, storage, train_name, cfg.checkpoints_to_keep,
             progress.on_report, progress.on_failure, ray_callbacks,
+            on_step=progress.on_step if live_progress else None,
         )
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -212,7 +220,7 @@ def train(
 def _progress(cfg: DictConfig, tracker, previous, callbacks, run_dir: Path) -> EpochProgress:
     return EpochProgress(
         cfg.schedule.epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous,
-        callbacks, run_dir, cfg.schedule.monitor,
+        callbacks, run_dir, cfg.schedule.monitor, cfg.progress_every_s,
     )
 
 
@@ -229,17 +237,35 @@ def _finish(tracker, run_id: str, checkpoint, run_dir: Path, progress: EpochProg
     if metrics.get("best/epoch") is not None:
         tags["detexp.best_epoch"] = str(int(metrics["best/epoch"]) + 1)
     tracker.set_tags(tags)
+    registered = _register(tracker, cfg, best if best.is_file() else final)
     tracker.end("FINISHED")
-    log.info("done (%s): run %s, last checkpoint %s", reason, run_id, final)
-    if metrics.get("best/value") is not None:
-        log.info("best epoch %d: %s %.4f, checkpoint %s", int(metrics["best/epoch"]) + 1, cfg.schedule.monitor,
-                 metrics["best/value"], best)
-    log.info("browse it with:  %s", tracker.ui_command())
+    log.info("%s", summary_table(
+        reason, progress, cfg.schedule.monitor, final, best if best.is_file() else None, tracker, registered,
+    ))
     return {
-        **metrics, "run_id": run_id, "checkpoint": str(final) if final else None,
+        **metrics, "run_id": run_id, "registered_model": "models:/{}/{}".format(*registered) if registered else None, "checkpoint": str(final) if final else None,
         "best_checkpoint": str(best) if best.is_file() else None, "epochs_trained": int(metrics.get("epochs_done", 0)),
         "stop_reason": reason,
     }
+
+
+def _register(tracker, cfg: DictConfig, checkpoint: Path | None) -> tuple[str, str] | None:
+    """``tracking.register_model``: the best (else final) model as a new registry version.
+    The model is trained and kept on disk by then, so a failure here is logged, not raised."""
+    name = cfg.tracking.register_model
+    if not name or checkpoint is None:
+        return None
+    from detexp.models import build_inference_model, load_model_state, load_weights
+
+    try:
+        num_classes = len(cfg.dataset.classes) + 1
+        model = build_inference_model(cfg.model, num_classes)
+        load_weights(model, load_model_state(checkpoint, num_classes), checkpoint)
+        return tracker.register_model(model.eval(), checkpoint, name)
+    except Exception as exc:  # noqa: BLE001 - the checkpoint files are intact
+        log.warning("could not register the model as %r: %s: %s (the checkpoint %s is intact)",
+                    name, type(exc).__name__, exc, checkpoint)
+        return None
 
 
 def _load_datasets(cfg: DictConfig, source: DataSource):
@@ -287,7 +313,9 @@ def _apply_error_policy(cfg: DictConfig, problems: list[Problem], run_dir: Path,
     )
 
 
-def _start_or_resume_run(tracker, cfg, resolved, run_dir: Path, tags: Mapping[str, str]) -> str:
+def _start_or_resume_run(tracker, cfg, resolved, run_dir: Path, tags: Mapping[str, str], overrides: Sequence[str]) -> str:
+    from detexp.tracking import command_line, default_run_name
+
     id_file = run_dir / RUN_ID_FILE
     if cfg.resume and id_file.exists():
         run_id = tracker.resume(id_file.read_text().strip())
@@ -295,7 +323,7 @@ def _start_or_resume_run(tracker, cfg, resolved, run_dir: Path, tags: Mapping[st
         return run_id
     if cfg.resume and (run_dir / "checkpoints").exists():
         log.warning("no %s in %s: the resumed training goes into a new MLflow run", RUN_ID_FILE, run_dir)
-    run_id = tracker.start(cfg.tracking.run_name, resolved, tags)
+    run_id = tracker.start(default_run_name(cfg), resolved, tags, description=command_line("train", overrides))
     id_file.write_text(run_id)
     return run_id
 

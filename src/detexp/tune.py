@@ -86,10 +86,13 @@ def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str
     cfg, overrides = apply_sample(base, sample, space)
     cfg.resume = True  # a restored trial continues its own checkpoints, in its own MLflow run
     cfg.tracking.run_name = f"trial-{trial_id}"
+    # One machine monitor (the parent run's), and no registry version per trial: the best
+    # config is trained again with `train ... tracking.register_model=NAME`.
+    cfg.tracking.system_metrics, cfg.tracking.register_model = False, None
     tags = {"mlflow.parentRunId": parent_run_id, "detexp.trial_id": trial_id, "detexp.trial_overrides": " ".join(overrides)}
     train(
         cfg, Path(tune_dir) / "trials" / trial_id, overrides,
-        ray_callbacks=[TuneReportCallback()], tags=tags,
+        ray_callbacks=[TuneReportCallback()], tags=tags, live_progress=False,
     )
 
 
@@ -180,6 +183,8 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     else:
         parent = tracker.start(base.tracking.run_name or f"tune-{run_dir.name}", resolved, default_tags("tune", list(overrides or [])))
         id_file.write_text(parent)
+    if base.tracking.system_metrics:
+        tracker.monitor_system()
     tracker.log_artifact(run_dir / "config.yaml")
     log.info(
         "tune: %d trial(s), %s search, %s scheduler on %s (%s), %d at a time; MLflow parent run %s",

@@ -8,6 +8,7 @@ are several workers, validates every epoch, and reports once per epoch with a ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -74,9 +75,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.schedule.epochs):
         warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
         batches = _batches(train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch)
+        live = config.get("progress") if ray.train.get_context().get_world_rank() == 0 else None
         try:
             stats = train_one_epoch(
-                model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm
+                model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm,
+                # (`is not None`: an empty Ray Queue has len 0 and is falsy)
+                on_step=None if live is None else LiveSteps(live, epoch, steps_per_epoch, cfg.dataset.batch_size * _world_size()),
             )
         except NonFiniteLossError as exc:
             # Every rank gets here at the same step (engine agrees on it). Report and
@@ -111,6 +115,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict())
         if best.should_stop:
             return
+
+
+class LiveSteps:
+    """Rank 0's progress within an epoch, sent to the driver at most every
+    :attr:`INTERVAL_S` seconds (and at the last step) through the report queue."""
+
+    INTERVAL_S = 2.0
+
+    def __init__(self, queue: Any, epoch: int, total: int | None, images_per_step: int):
+        self.queue, self.epoch, self.total, self.images_per_step = queue, epoch, total, images_per_step
+        self.started = self.sent = time.perf_counter()
+        self.loss_sum = 0.0
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        self.loss_sum += values["loss"]
+        now = time.perf_counter()
+        if now - self.sent < self.INTERVAL_S and step != self.total:
+            return
+        self.sent = now
+        elapsed = now - self.started
+        item = {"step": {
+            "epoch": self.epoch, "step": step, "total": self.total, "elapsed_s": elapsed,
+            "images_per_s": step * self.images_per_step / elapsed, "loss": self.loss_sum / step,
+        }}
+        with contextlib.suppress(Exception):  # progress is best effort; training goes on
+            self.queue.put_nowait(item)
 
 
 def _place_weight_files(files: dict[str, Any]) -> None:
