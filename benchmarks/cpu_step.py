@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import load_batches  # benchmarks/, first on sys.path when run as a script
 from omegaconf import OmegaConf
 
 from detexp.config import ModelConfig
-from detexp.data.annotations import _read_annotations
-from detexp.data.pipeline import batch_to_tensors, decode_batch
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.engine import train_one_epoch
 from detexp.models import build_detector
@@ -38,15 +37,6 @@ VARIANTS = [
     ("64 RoIs, 320 px", 320, 64, 500),
     ("32 RoIs, 320 px (the default)", 320, 32, 500),
 ]
-
-
-def load_batches(root: Path, batch_size: int, count: int):
-    ids = [f"{i + 1:06d}" for i in range(batch_size * count)]
-    table = _read_annotations(str(root), ids, SHAPES_CLASSES)
-    images, targets = batch_to_tensors(decode_batch(table, str(root)))
-    return [
-        (images[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(images), batch_size)
-    ]
 
 
 def step_seconds(size: int, rois: int, proposals: int, batches, steps: int, profile: bool = False) -> list[float]:

@@ -25,15 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import rss_mib  # benchmarks/, first on sys.path when run as a script
 from omegaconf import OmegaConf
-
-
-def rss_mib() -> float:
-    """This process's resident set size (Linux /proc; no psutil needed)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Sampler(threading.Thread):

@@ -131,12 +131,27 @@ class RayConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """How each worker runs its steps; none of it changes what is learned on a CPU."""
+
+    # Mixed precision for the training steps: bf16 | fp16 (with a gradient scaler; GPU only)
+    # | null (fp32). Validation and inference stay in fp32, so the metrics do not move.
+    amp: str | None = None
+    cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest kernels for the shapes seen
+    # Batches of images of one orientation (wide or tall), as torchvision's references group
+    # them, so less of each padded batch is padding. Square images are unaffected.
+    group_aspect_ratio: bool = True
+    prefetch_batches: int = 2  # batches Ray Data prepares ahead of the step
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0

@@ -7,6 +7,7 @@ a test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -54,9 +55,14 @@ def train_one_epoch(
     warmup: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip_norm: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    amp: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """One pass over ``batches``. Raises :class:`NonFiniteLossError` before stepping the
-    optimizer on a NaN/inf loss, so the weights stay those of the last good step."""
+    optimizer on a NaN/inf loss, so the weights stay those of the last good step.
+
+    ``amp``: ``bf16`` or ``fp16`` runs the forward pass under autocast; fp16 needs
+    ``scaler`` (a ``GradScaler``), which scales the loss so small gradients survive."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
     stats = EpochStats()
@@ -64,17 +70,26 @@ def train_one_epoch(
     for images, targets in batches:
         check_targets(targets)
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-        loss_dict = model(images, targets)
+        with autocast(images[0].device if images else torch.device("cpu"), amp):
+            loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         values = {k: v.item() for k, v in loss_dict.items()}
         values["loss"] = loss.item()
         _raise_if_any_rank_diverged(values, loss.device, epoch, stats.steps)
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            optimizer.step()
         if warmup is not None:
             warmup.step()
 
@@ -88,6 +103,16 @@ def train_one_epoch(
     stats.losses = {k: v / max(stats.steps, 1) for k, v in sums.items()}
     stats.lr = optimizer.param_groups[0]["lr"]
     return stats
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str | None):
+    """Mixed precision for a forward pass (``amp`` one of :data:`AMP_DTYPES`), or nothing."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
 def check_targets(targets: Iterable[dict]) -> None:

@@ -124,7 +124,7 @@ class EpochProgress:
                 f"{int(last['best/epoch']) + 1} ({last['best/value']:.4f}); trained {int(last['epoch']) + 1} "
                 f"of {self.epochs} epochs"
             )
-        return f"completed {self.epochs} epochs"
+        return f"completed {self.epochs} epoch{'s' if self.epochs != 1 else ''}"
 
     def on_failure(self, rank: int, error: str) -> None:
         self.failures += 1

@@ -40,6 +40,8 @@ class _RetryingClient:
         self._client = client
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_client":  # unpickling: no client yet
+            raise AttributeError(name)
         method = getattr(self._client, name)
         if not callable(method):
             return method
@@ -184,6 +186,11 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def __getstate__(self) -> dict:
+        # Ray Tune pickles its callbacks (and this tracker with them): the monitor's thread
+        # stays with the process that started it.
+        return {**self.__dict__, "_monitor": None}
 
     def end(self, status: str = "FINISHED") -> None:
         monitor, self._monitor = getattr(self, "_monitor", None), None

@@ -65,6 +65,12 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"scaling.min_workers={min_workers} must be between 1 and scaling.num_workers={cfg.scaling.num_workers}"
         )
+    if cfg.trainer.amp not in (None, "bf16", "fp16"):
+        raise ConfigError(f"trainer.amp={cfg.trainer.amp!r}: choose bf16, fp16 or null (fp32)")
+    if cfg.trainer.amp == "fp16" and not cfg.scaling.use_gpu:
+        raise ConfigError("trainer.amp=fp16 needs scaling.use_gpu=true; on a CPU use trainer.amp=bf16")
+    if cfg.trainer.prefetch_batches < 0:
+        raise ConfigError(f"trainer.prefetch_batches={cfg.trainer.prefetch_batches} must be 0 or more")
     name = cfg.tracking.register_model
     if name is not None and (not name.strip() or any(c in name for c in "/:@")):
         raise ConfigError(f"tracking.register_model={name!r}: a registry name without '/', ':' or '@'")

@@ -47,11 +47,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if threads:  # Ray sets it to the worker's CPU share; make torch honour it
         torch.set_num_threads(int(threads))
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     _place_weight_files(config.get("weights") or {})
     model = build_detector(cfg.model, num_classes)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     scheduler = build_scheduler(cfg.schedule, optimizer)
+    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.amp == "fp16" else None
 
     start_epoch = 0
     best = BestEpoch(cfg.schedule.monitor_mode, cfg.schedule.patience)
@@ -64,6 +67,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["lr_scheduler"])
         start_epoch = state["epoch"] + 1
         best.load_state_dict(state.get("best"))
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
 
     train_shard = ray.train.get_dataset_shard("train")
     try:
@@ -74,11 +79,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
-        batches = _batches(train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch)
+        batches = _batches(
+            train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch,
+            prefetch=cfg.trainer.prefetch_batches, group=cfg.trainer.group_aspect_ratio,
+        )
         live = config.get("progress") if ray.train.get_context().get_world_rank() == 0 else None
         try:
             stats = train_one_epoch(
                 model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm,
+                amp=cfg.trainer.amp, scaler=scaler,
                 # (`is not None`: an empty Ray Queue has len 0 and is falsy)
                 on_step=None if live is None else LiveSteps(live, epoch, steps_per_epoch, cfg.dataset.batch_size * _world_size()),
             )
@@ -112,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[IMPROVED] = best.update(epoch, metrics.get(cfg.schedule.monitor))
             metrics["best/epoch"], metrics["best/value"] = best.epoch, best.value
             metrics[STOPPED_EARLY] = best.should_stop
-        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict())
+        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict(), scaler)
         if best.should_stop:
             return
 
@@ -175,10 +184,37 @@ def _world_size() -> int:
     return ray.train.get_context().get_world_size()
 
 
-def _batches(shard, batch_size: int, device, shuffle: bool, seed: int = 0):
+def _batches(shard, batch_size: int, device, shuffle: bool, seed: int = 0, prefetch: int = 2, group: bool = False):
     kwargs = {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed} if shuffle else {}
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2, **kwargs):
+    tables = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch, **kwargs)
+    for batch in group_by_orientation(tables, batch_size) if group else tables:
         yield batch_to_tensors(batch, device)
+
+
+def group_by_orientation(tables, batch_size: int):
+    """Re-batch a stream of row batches so that each batch holds images of one orientation
+    (wide: width >= height, or tall), as torchvision's ``GroupedBatchSampler`` does. Fewer
+    than ``batch_size`` rows of each orientation are held back; what is left at the end
+    goes out mixed, so a shard of n rows still gives ceil(n / batch_size) batches and the
+    DDP ranks stay in step."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    held: dict[bool, pa.Table | None] = {True: None, False: None}
+    for table in tables:
+        wide = pa.array([w >= h for _, h, w in table.column("image_shape").to_pylist()])
+        for key, mask in ((True, wide), (False, pc.invert(wide))):
+            part = table.filter(mask)
+            rows = part if held[key] is None else pa.concat_tables([held[key], part])
+            while rows.num_rows >= batch_size:
+                yield rows.slice(0, batch_size)
+                rows = rows.slice(batch_size)
+            held[key] = rows
+    rest = [t for t in held.values() if t is not None and t.num_rows]
+    if rest:
+        rows = pa.concat_tables(rest)
+        for start in range(0, rows.num_rows, batch_size):
+            yield rows.slice(start, batch_size)
 
 
 def _validate(model, shard, batch_size, device, classes) -> dict[str, Any]:
@@ -197,7 +233,7 @@ def _validate(model, shard, batch_size, device, classes) -> dict[str, Any]:
     return {**evaluator.compute(), "images": len(evaluator)}  # -> val/images: none dropped
 
 
-def _report(metrics, model, optimizer, scheduler, config, epoch, best) -> None:
+def _report(metrics, model, optimizer, scheduler, config, epoch, best, scaler=None) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -212,6 +248,7 @@ def _report(metrics, model, optimizer, scheduler, config, epoch, best) -> None:
                 "epoch": epoch,
                 "best": best,
                 "classes": list(config["dataset"]["classes"]),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             Path(tmp) / CHECKPOINT_FILE,
         )

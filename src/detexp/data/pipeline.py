@@ -76,12 +76,16 @@ def batch_to_tensors(
     ``device`` and torchvision-style targets (boxes, labels, difficult, image_id)."""
     if isinstance(batch, pa.Table):
         batch = batch.to_pydict()
+    # Page-locked host memory makes the copy to a GPU asynchronous (non_blocking below).
+    pin = torch.device(device).type == "cuda"
     images, targets = [], []
     for raw, shape, boxes, labels, difficult, image_id in zip(
         batch["image"], batch["image_shape"], batch["boxes"], batch["labels"],
         batch["difficult"], batch["image_id"], strict=True,
     ):
         pixels = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(tuple(shape))
+        if pin:
+            pixels = pixels.pin_memory()
         images.append(pixels.to(device, non_blocking=True).float().div_(255.0))
         targets.append(
             {

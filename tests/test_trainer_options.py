@@ -1,0 +1,87 @@
+"""The GPU-side trainer options, exercised on the CPU: mixed precision through the real
+training step, batches grouped by image orientation, and the refusals that come before
+Ray starts. (A GPU is never required; the GPU figures live in benchmarks/RESULTS.md.)"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from conftest import compose_train
+from detexp.engine import train_one_epoch
+from detexp.errors import ConfigError
+from detexp.models import build_detector
+from detexp.train import check_train_config
+from detexp.worker import group_by_orientation
+
+
+def _rows(shapes: list[tuple[int, int]], start: int = 0) -> pa.Table:
+    return pa.table({
+        "image_id": [f"{start + i:06d}" for i in range(len(shapes))],
+        "image_shape": [[3, h, w] for h, w in shapes],
+    })
+
+
+def _orientation(table: pa.Table) -> set[bool]:
+    return {w >= h for _, h, w in table.column("image_shape").to_pylist()}
+
+
+def test_grouped_batches_hold_one_orientation_and_keep_every_row_once():
+    # VOC-like: wide 500x375 and tall 375x500 images interleaved, in batches of 4 rows
+    shapes = [(375, 500) if i % 3 else (500, 375) for i in range(30)]
+    tables = [_rows(shapes[i : i + 4], i) for i in range(0, 30, 4)]
+    batches = list(group_by_orientation(iter(tables), batch_size=4))
+
+    ids = [i for b in batches for i in b.column("image_id").to_pylist()]
+    assert sorted(ids) == [f"{i:06d}" for i in range(30)]  # nothing lost, nothing twice
+    assert len(batches) == math.ceil(30 / 4)  # DDP ranks with equal shards step together
+    assert all(b.num_rows == 4 for b in batches[:-1])
+    mixed = [b for b in batches if len(_orientation(b)) > 1]
+    assert len(mixed) <= 1 and (not mixed or mixed[0] is batches[-2] or mixed[0] is batches[-1])
+    # without grouping, most of these batches would mix both orientations
+    assert sum(len(_orientation(t)) > 1 for t in tables) >= 6
+
+
+def test_square_images_pass_through_in_order():
+    tables = [_rows([(192, 192)] * 8, 0), _rows([(192, 192)] * 8, 8)]
+    batches = list(group_by_orientation(iter(tables), batch_size=8))
+    assert [b.column("image_id").to_pylist() for b in batches] == [t.column("image_id").to_pylist() for t in tables]
+
+
+def _step_inputs():
+    torch.manual_seed(0)
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 20.0, 90.0, 100.0], [5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2, 3])},
+    ]
+    return images, targets
+
+
+def test_bf16_autocast_trains_the_real_step_on_the_cpu():
+    cfg = compose_train(["+experiment=smoke", "trainer.amp=bf16"])
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, len(cfg.dataset.classes) + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    stats = train_one_epoch(model, optimizer, [_step_inputs()] * 2, epoch=0, amp=cfg.trainer.amp)
+    assert stats.steps == 2 and all(math.isfinite(v) for v in stats.losses.values())
+    changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed, "the optimizer step under autocast must update the weights"
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.amp=fp8"], "trainer.amp='fp8': choose bf16, fp16 or null"),
+        (["trainer.amp=fp16"], "trainer.amp=fp16 needs scaling.use_gpu=true"),
+        (["trainer.prefetch_batches=-1"], "trainer.prefetch_batches=-1"),
+    ],
+)
+def test_impossible_trainer_options_are_refused_before_ray(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_train_config(compose_train(["+experiment=smoke", *overrides]))
