@@ -137,6 +137,7 @@ def _ray_processes(marker: str) -> list[str]:
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
+@pytest.mark.slow  # about 2 minutes: two CLI jobs, each starting its own Ray (the default run's budget)
 def test_cli_sweep_of_two_jobs_is_one_parent_run_and_leaves_no_ray(tmp_path, shapes_cache):
     """`train -m` as a user types it: one job of one worker and one of two DDP workers
     (gloo), one parent run; the console shows progress, not Ray's internals."""
@@ -146,6 +147,8 @@ def test_cli_sweep_of_two_jobs_is_one_parent_run_and_leaves_no_ray(tmp_path, sha
         [
             sys.executable, "-m", "detexp", "train", "-m", "+experiment=smoke", "scaling.num_workers=1,2",
             f"dataset.cache_dir={shapes_cache}", "hydra.sweep.dir=sweep", "eval_at_end=false",
+            # the session's smoke run made this half-size data already; 2 and 1 steps an epoch
+            "dataset.synth.num_train=16", "dataset.synth.num_val=8", "tracking.system_metrics=false",
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env,
     )
