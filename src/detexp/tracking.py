@@ -130,6 +130,7 @@ class Tracker:
             else self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri))
         )
         self.run_id: str | None = None
+        self._monitor = None  # MLflow's system-metrics monitor, while one runs
 
     def start(
         self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str],
@@ -193,7 +194,7 @@ class Tracker:
         return {**self.__dict__, "_monitor": None}
 
     def end(self, status: str = "FINISHED") -> None:
-        monitor, self._monitor = getattr(self, "_monitor", None), None
+        monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.finish()  # flushes the samples it holds while the run is still RUNNING
         if self.run_id is not None:

@@ -233,8 +233,8 @@ def _progress(cfg: DictConfig, tracker, previous, callbacks, run_dir: Path) -> E
 def _finish(tracker, run_id: str, checkpoint, run_dir: Path, progress: EpochProgress, cfg: DictConfig) -> dict[str, Any]:
     """Copy and log the final (and best) checkpoint, say why the run stopped, end the MLflow run."""
     final = copy_checkpoint_file(checkpoint, run_dir / FINAL_FILE) if checkpoint is not None else None
-    best = run_dir / BEST_FILE
-    for path in (final, best if best.is_file() else None):
+    best = run_dir / BEST_FILE if (run_dir / BEST_FILE).is_file() else None
+    for path in (final, best):
         if path is not None:
             tracker.log_artifact(path, "checkpoints")
     metrics = progress.last
@@ -243,15 +243,13 @@ def _finish(tracker, run_id: str, checkpoint, run_dir: Path, progress: EpochProg
     if metrics.get("best/epoch") is not None:
         tags["detexp.best_epoch"] = str(int(metrics["best/epoch"]) + 1)
     tracker.set_tags(tags)
-    registered = _register(tracker, cfg, best if best.is_file() else final)
+    registered = _register(tracker, cfg, best or final)
     tracker.end("FINISHED")
-    log.info("%s", summary_table(
-        reason, progress, cfg.schedule.monitor, final, best if best.is_file() else None, tracker, registered,
-    ))
+    log.info("%s", summary_table(reason, progress, cfg.schedule.monitor, final, best, tracker, registered))
     return {
-        **metrics, "run_id": run_id, "registered_model": "models:/{}/{}".format(*registered) if registered else None, "checkpoint": str(final) if final else None,
-        "best_checkpoint": str(best) if best.is_file() else None, "epochs_trained": int(metrics.get("epochs_done", 0)),
-        "stop_reason": reason,
+        **metrics, "run_id": run_id, "checkpoint": str(final) if final else None,
+        "best_checkpoint": str(best) if best else None, "epochs_trained": int(metrics.get("epochs_done", 0)),
+        "stop_reason": reason, "registered_model": "models:/{}/{}".format(*registered) if registered else None,
     }
 
 
