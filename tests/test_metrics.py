@@ -481,10 +481,19 @@ def test_coco_map_agrees_with_pycocotools(split):
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-    # Same thresholds as pycocotools, so only float32 rounding of the results remains (~1e-8).
+    # Same thresholds as pycocotools and float64 throughout: equal but for summation order.
     keys = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
     for key, expected in zip(keys, coco_eval.stats[: len(keys)], strict=True):
-        assert metrics[key] == pytest.approx(expected, abs=1e-6), key
-    # Per-class ap_50 comes from torchmetrics' precision array; its mean is the overall map_50.
+        assert metrics[key] == pytest.approx(expected, abs=1e-9), key
+    # Per-class AP comes from the one evaluation's precision array; pycocotools run again on
+    # each class alone must give the same AP and AP50.
+    for label, name in enumerate(CLASSES, start=1):
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval.params.catIds = [label]
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        assert metrics["per_class"][name]["ap"] == pytest.approx(coco_eval.stats[0], abs=1e-9), name
+        assert metrics["per_class"][name]["ap_50"] == pytest.approx(coco_eval.stats[1], abs=1e-9), name
     per_class_50 = [c["ap_50"] for c in metrics["per_class"].values() if c["ap_50"] > -1]
     assert np.mean(per_class_50) == pytest.approx(metrics["map_50"], abs=1e-6)
