@@ -154,8 +154,10 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
     ``_read_annotations``, decoded once by ``decode_batch`` (same flip probability, seeded),
     batched as the worker batches (``group_by_orientation`` when
     ``trainer.group_aspect_ratio``), turned into tensors by ``batch_to_tensors`` and held in
-    memory; the same model config and optimizer built after ``torch.manual_seed(cfg.seed)``,
-    ``torch.set_num_threads(2)``; one untimed warm-up step, then ``engine.train_one_epoch``
+    memory; the same model config (channels-last when ``trainer.channels_last``) and optimizer
+    built after ``torch.manual_seed(cfg.seed)``,
+    ``torch.set_num_threads(2)``; ``train_epochs - 1`` untimed warm-up epochs (as the Ray
+    side has before its timed epoch), then ``engine.train_one_epoch``
     over all the batches (as many steps as one Ray epoch); images/s from its EpochStats.
     In full mode the bare loop is timed before and after the Ray run and averaged."""
     import torch
@@ -195,9 +197,14 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
         try:
             torch.manual_seed(cfg.seed)
             model = build_detector(cfg.model, len(classes) + 1)
+            if cfg.trainer.channels_last:  # as the worker does
+                model = model.to(memory_format=torch.channels_last)
             optimizer = build_optimizer(cfg.optimizer, model.parameters())
-            train_one_epoch(model, optimizer, batches[:1], epoch=0)  # warm-up step, untimed
-            stats = train_one_epoch(model, optimizer, batches, epoch=1)
+            # Warm-up epochs, untimed, as many as the Ray side trains before the timed one:
+            # oneDNN builds its kernels for each new input shape during the first steps.
+            for epoch in range(b.sizes.train_epochs - 1):
+                train_one_epoch(model, optimizer, batches, epoch=epoch)
+            stats = train_one_epoch(model, optimizer, batches, epoch=b.sizes.train_epochs - 1)
         finally:
             torch.set_num_threads(threads)
         return {"steps": stats.steps, "images": stats.images, "seconds": stats.seconds,
@@ -384,7 +391,7 @@ def measure_map(b: Bench) -> tuple[Values, Details]:
 
     Synthetic, seeded: each image 500x375 with 1-5 ground-truth objects (10% difficult);
     up to 5 detections per object are its box jittered (70% with its label), the rest
-    random boxes and labels; random scores. The torchmetrics / faster_coco_eval import
+    random boxes and labels; random scores. The faster_coco_eval import
     (once per process) happens before the clock starts: ``details.import_s``."""
     import numpy as np
     import torch
@@ -393,7 +400,6 @@ def measure_map(b: Bench) -> tuple[Values, Details]:
 
     started = time.perf_counter()
     import faster_coco_eval  # noqa: F401
-    import torchmetrics.detection  # noqa: F401
 
     import_s = time.perf_counter() - started
 
