@@ -1,7 +1,8 @@
-"""CPU cost of one training step of the default detector, by image size and sampled RoIs.
+"""CPU cost of one training step of the default detector, by image size, sampled RoIs,
+RoIAlign sampling and memory format.
 
 The default recipe (conf/model/mobilenet_320_cpu.yaml) trains from scratch on 2 CPU
-cores, so its step cost decides how much it can learn in the 10-minute budget. This
+cores, so its step cost decides how much it can learn in the 6-minute budget. This
 times the trainer's step (``engine.train_one_epoch``: forward, backward, update) in-process, batch 8 of the generated
 shapes, for each variant side by side in one run, and prints each as a ratio to
 torchvision's own settings (512 RoIs, 2000 proposals). With ``--profile`` it also prints
@@ -30,24 +31,34 @@ from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.engine import train_one_epoch
 from detexp.models import build_detector
 
-# (label, min/max size, box_batch_size_per_image, rpn top-n while training)
+# (label, min/max size, box_batch_size_per_image, rpn top-n while training, RoIAlign
+# sampling ratio, channels-last weights)
 VARIANTS = [
-    ("torchvision's settings, 320 px", 320, 512, 2000),
-    ("128 RoIs, 192 px (the previous default)", 192, 128, 500),
-    ("64 RoIs, 320 px", 320, 64, 500),
-    ("32 RoIs, 320 px (the default)", 320, 32, 500),
+    ("torchvision's settings, 320 px", 320, 512, 2000, 2, False),
+    ("128 RoIs, 192 px (the previous default)", 192, 128, 500, 2, False),
+    ("64 RoIs, 320 px", 320, 64, 500, 2, False),
+    ("32 RoIs, 320 px", 320, 32, 500, 2, False),
+    ("32 RoIs, 320 px, RoIAlign sampling 1", 320, 32, 500, 1, False),
+    ("+ channels-last (the default)", 320, 32, 500, 1, True),
+    ("the default at 256 px", 256, 32, 500, 1, True),
 ]
 
 
-def step_seconds(size: int, rois: int, proposals: int, batches, steps: int, profile: bool = False) -> list[float]:
+def step_seconds(
+    size: int, rois: int, proposals: int, sampling: int, channels_last: bool, batches, steps: int,
+    profile: bool = False,
+) -> list[float]:
     """Seconds of each of ``steps`` training steps of :func:`detexp.engine.train_one_epoch`
     (the trainer's own step), after one untimed warm-up step."""
     cfg = OmegaConf.structured(ModelConfig)
     cfg.min_size = cfg.max_size = size
     cfg.box_batch_size_per_image = rois
     cfg.rpn_pre_nms_top_n_train = cfg.rpn_post_nms_top_n_train = proposals
+    cfg.roi_sampling_ratio = sampling
     torch.manual_seed(0)
     model = build_detector(cfg, len(SHAPES_CLASSES) + 1)
+    if channels_last:  # trainer.channels_last
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ends: list[float] = []
     train_one_epoch(
@@ -75,9 +86,9 @@ def main() -> None:
         root = generate_shapes(Path(tmp) / "shapes", num_train=48, num_val=1, image_size=192)
         batches = load_batches(root, 8, 6)
         results = []
-        for label, size, rois, proposals in VARIANTS:
+        for label, *variant in VARIANTS:
             profile = args.profile and label.endswith("(the default)")
-            times = step_seconds(size, rois, proposals, batches, args.steps, profile)
+            times = step_seconds(*variant, batches, args.steps, profile)
             results.append((label, statistics.median(times)))
             print(f"{label:42s} {statistics.median(times):6.2f} s/step", flush=True)
 

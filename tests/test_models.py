@@ -91,3 +91,22 @@ def test_weights_in_the_cache_are_found_and_missing_ones_are_named(monkeypatch, 
     message = str(error.value)
     assert message.startswith(f"model.weights=COCO_V1: {expected.name} is not in the torch hub cache")
     assert f"put it at {expected}" in message and coco.url in message
+
+
+def test_roi_sampling_ratio_reaches_roialign_and_survives_in_the_inference_model(tmp_path):
+    from detexp.models import build_inference_model
+
+    default = build_detector(_cfg(), num_classes=3)
+    assert default.roi_heads.box_roi_pool.sampling_ratio == 2  # torchvision's own
+    cfg = _cfg(roi_sampling_ratio=1)
+    model = build_detector(cfg, num_classes=3)
+    assert model.roi_heads.box_roi_pool.sampling_ratio == 1
+    # Fewer points per bin pool other values from the same feature map.
+    features = {"0": torch.rand(1, 8, 32, 32)}
+    box = [torch.tensor([[8.0, 8.0, 90.0, 70.0]])]
+    pooled = [net.roi_heads.box_roi_pool(features, box, [(128, 128)]) for net in (model, default)]
+    assert pooled[0].shape == pooled[1].shape == (1, 8, 7, 7)
+    assert not torch.allclose(*pooled)
+    assert build_inference_model(cfg, 3).roi_heads.box_roi_pool.sampling_ratio == 1
+    with pytest.raises(ConfigError, match=r"model.roi_sampling_ratio=-1 must be 0 \(adaptive\) or more"):
+        build_detector(_cfg(roi_sampling_ratio=-1), num_classes=3)

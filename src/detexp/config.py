@@ -66,6 +66,10 @@ class ModelConfig:
     # 2000 each); evaluation keeps the builder's own values.
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
+    # Sampling points per RoIAlign bin side in the box head (torchvision: 2, i.e. 2x2 per
+    # bin; 0 = adaptive). 1 reads a quarter of the points: RoIAlign's backward is the
+    # dearest part of a CPU training step.
+    roi_sampling_ratio: int = 2
 
 
 @dataclass
@@ -142,6 +146,10 @@ class TrainerConfig:
     # them, so less of each padded batch is padding. Square images are unaffected.
     group_aspect_ratio: bool = True
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of the step
+    # Keep the model's weights (and so its activations) channels-last (NHWC): oneDNN's CPU
+    # convolutions, the backward pass above all, run about 1.35x faster that way for the
+    # default model (benchmarks/RESULTS.md). Numerically the same model.
+    channels_last: bool = True
 
 
 @dataclass

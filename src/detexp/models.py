@@ -16,6 +16,7 @@ import torch
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models import detection as tvd
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 
 from detexp.errors import ConfigError
 
@@ -58,6 +59,11 @@ def check_model_config(cfg: Any) -> None:
     _, weights_enum, backbone_enum = BUILDERS[cfg.name]
     _weight(weights_enum, cfg.weights, "model.weights")
     _weight(backbone_enum, cfg.weights_backbone, "model.weights_backbone")
+    if cfg.roi_sampling_ratio < 0:
+        raise ConfigError(
+            f"model.roi_sampling_ratio={cfg.roi_sampling_ratio} must be 0 (adaptive) or more "
+            "(points per RoIAlign bin side; torchvision uses 2)"
+        )
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
         raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: no such file")
 
@@ -114,6 +120,10 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
     }
     if cfg.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
+    if cfg.roi_sampling_ratio != 2:  # 2 is the builders' own MultiScaleRoIAlign
+        kwargs["box_roi_pool"] = MultiScaleRoIAlign(
+            featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=cfg.roi_sampling_ratio
+        )
     if weights is None:
         kwargs["num_classes"] = num_classes
     model = builder(progress=False, **kwargs)

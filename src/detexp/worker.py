@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     _place_weight_files(config.get("weights") or {})
     model = build_detector(cfg.model, num_classes)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     scheduler = build_scheduler(cfg.schedule, optimizer)
@@ -77,12 +81,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_shard = None
     steps_per_epoch = config.get("steps_per_epoch")
 
-    for epoch in range(start_epoch, cfg.schedule.epochs):
-        warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
-        batches = _batches(
+    def epoch_batches(epoch: int):
+        return _batches(
             train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch,
             prefetch=cfg.trainer.prefetch_batches, group=cfg.trainer.group_aspect_ratio,
         )
+
+    next_batches = None
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
+        batches = next_batches or epoch_batches(epoch)
         live = config.get("progress") if ray.train.get_context().get_world_rank() == 0 else None
         try:
             stats = train_one_epoch(
@@ -98,6 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, DIVERGED: {"step": exc.step, "rank": exc.rank, "losses": exc.losses}})
             return
         scheduler.step()
+        if epoch + 1 < cfg.schedule.epochs:
+            next_batches = StartedEarly(epoch_batches(epoch + 1))
 
         val_start = time.perf_counter()
         val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes) if val_shard is not None else {}
@@ -150,6 +160,37 @@ class LiveSteps:
         }}
         with contextlib.suppress(Exception):  # progress is best effort; training goes on
             self.queue.put_nowait(item)
+
+
+class StartedEarly:
+    """An iterator of batches whose first batch is asked for at once, in a thread.
+
+    Ray Data needs a second or more to deliver an epoch's first batch (the shard's
+    execution restarts and the shuffle buffer fills). Started while the previous epoch
+    validates and checkpoints, that wait overlaps with work instead of stalling the first
+    training step. Iterate it once."""
+
+    def __init__(self, batches: Iterator):
+        self._batches = batches
+        self._first: list = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, name="next-epoch-batches", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first.append(next(self._batches))
+        except StopIteration:
+            pass
+        except BaseException as exc:  # raised again in the training thread
+            self._error = exc
+
+    def __iter__(self) -> Iterator:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._batches
 
 
 def _place_weight_files(files: dict[str, Any]) -> None:
