@@ -15,7 +15,7 @@ def tests(session):
 
 @nox.session
 def slow(session):
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,cluster]")  # tests/test_cluster.py submits a Ray job
     session.run("pytest", "-m", "slow", *session.posargs)
 
 

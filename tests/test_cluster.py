@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,15 +24,21 @@ from detexp.tune import tune
 
 pytestmark = pytest.mark.slow
 
+# Ray's dashboard (it serves `ray job submit`) comes with ray[default]: the cluster extra,
+# which `nox -s slow` installs.
+HAS_DASHBOARD = importlib.util.find_spec("aiohttp_cors") is not None
+
 
 @pytest.fixture(scope="module")
 def two_nodes():
     if ray.is_initialized():
         ray.shutdown()  # the session's local Ray; this module needs its own cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # The head has a CPU more than two smoke workers take: after the elastic test removes the
+    # other node, both workers fit there and Ray Data still has a CPU to decode on.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": HAS_DASHBOARD})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.dashboard_url = ray.init(address=cluster.address, log_to_driver=False).dashboard_url
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -66,8 +79,110 @@ def test_storage_the_nodes_cannot_write_is_refused_before_training(two_nodes, tm
     assert not client.search_runs([client.get_experiment_by_name("detexp").experiment_id])
 
 
+def _alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def _wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.5)
+
+
+def _can_unshare_mounts() -> bool:
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _can_unshare_mounts(), reason="needs mount namespaces (root on Linux)")
+def test_a_node_whose_storage_path_is_its_own_disk_is_named_before_training(two_nodes, tmp_path, shapes_cache):
+    """A third node joins the cluster from its own mount namespace, in which the storage
+    path is a private tmpfs: the same path, another disk, as on a cluster whose nodes do
+    not share it."""
+    storage = tmp_path / "ckpt"
+    storage.mkdir()
+    before = _alive_nodes()
+    ray_cli = Path(sys.executable).parent / "ray"
+    node = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs {storage} && exec {ray_cli} start --address={two_nodes.address} "
+         "--num-cpus=1 --block --disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: len(_alive_nodes() - before) == 1, "the third node to join")
+        (private_node,) = _alive_nodes() - before
+        cfg = _cfg(tmp_path, shapes_cache, f"scaling.storage_path={storage}")
+        with pytest.raises(ResourceError) as refused:
+            train(cfg, tmp_path / "run")
+        message = str(refused.value)
+        assert f"({private_node[:12]}): cannot use scaling.storage_path={storage}" in message
+        assert all(n[:12] not in message for n in before)  # the nodes that share the disk pass
+        assert not list(storage.iterdir())  # the check cleaned up after itself; nothing trained
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+        _wait_for(lambda: _alive_nodes() == before, "the third node to leave")
+
+
+@pytest.mark.skipif(not HAS_DASHBOARD, reason='needs ray[default]: pip install -e ".[dev,cluster]"')
+def test_ray_job_submit_runs_the_training_on_the_cluster(two_nodes, tmp_path, shapes_cache):
+    """docs/distributed.md's command, with smoke overrides: the driver runs as a Ray job on
+    the head node, MLFLOW_TRACKING_URI comes through the runtime env."""
+    dashboard = f"http://{two_nodes.dashboard_url}"
+    run_dir, store = tmp_path / "job-run", f"sqlite:///{tmp_path}/mlflow.db"
+    repo = Path(__file__).resolve().parents[1]
+    submitted = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(repo),
+         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store}}), "--",
+         sys.executable, "-m", "detexp", "train", "+experiment=smoke", f"dataset.cache_dir={shapes_cache}",
+         "scaling.num_workers=2", f"scaling.storage_path={tmp_path / 'shared'}", "ray.address=auto",
+         f"hydra.run.dir={run_dir}", "eval_at_end=false", "tracking.system_metrics=false"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout
+    assert (run_dir / "model_final.pt").is_file()
+    assert list((tmp_path / "shared").glob("*/checkpoint_*/checkpoint.pt"))
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("detexp").experiment_id])
+    assert run.info.status == "FINISHED" and "val/map_50" in run.data.metrics
+
+
 def test_tune_two_trials_on_the_cluster(two_nodes, tmp_path, shapes_cache):
     cfg = _cfg(tmp_path, shapes_cache, "tune.num_samples=2", "schedule.epochs=1", config_name="tune")
     result = tune(cfg, tmp_path / "tune")
     assert result["trials"] == 2
     assert Path(result["best_config"]).is_file()
+
+
+def test_elastic_run_finishes_after_losing_a_node(two_nodes, tmp_path, shapes_cache):
+    """scaling.min_workers=1: the second node goes away after the first epoch; Ray Train
+    restarts from that epoch's checkpoint on the workers the head alone can hold, and the
+    run ends with all its epochs. Last in this module: it takes a node away (and adds one back)."""
+    (worker_node,) = two_nodes.worker_nodes
+    cfg = _cfg(tmp_path, shapes_cache, "scaling.num_workers=2", "scaling.min_workers=1",
+               "scaling.max_failures=2", "scaling.placement_strategy=SPREAD", "schedule.epochs=3",
+               f"scaling.storage_path={tmp_path / 'shared'}")
+    epochs: list[dict] = []
+
+    def lose_a_node_after_the_first_epoch(metrics) -> None:
+        epochs.append(dict(metrics))
+        if len(epochs) == 1:
+            two_nodes.remove_node(worker_node)
+
+    try:
+        result = train(cfg, tmp_path / "run", callbacks=[lose_a_node_after_the_first_epoch])
+    finally:
+        if worker_node in two_nodes.worker_nodes:
+            two_nodes.remove_node(worker_node)
+        two_nodes.add_node(num_cpus=2)
+        two_nodes.wait_for_nodes()
+
+    assert [int(m["epoch"]) for m in epochs] == [0, 1, 2]  # none repeated, none missing
+    assert epochs[0]["train/workers"] == 2 and epochs[0]["train/nodes"] == 2
+    assert [m["train/nodes"] for m in epochs[1:]] == [1, 1]  # the head, alone
+    assert result["epochs_done"] == 3
+    assert Path(result["checkpoint"]).is_file()

@@ -17,6 +17,7 @@ import ray.train
 from ray.train import DataConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from detexp.errors import ResourceError
 from detexp.worker import train_loop_per_worker
@@ -115,7 +116,6 @@ def check_storage(storage: str, dataset_root: Any, timeout_s: float = 60.0) -> N
     import uuid
 
     import pyarrow.fs
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = _worker_nodes()
     if len(nodes) < 2:
@@ -232,7 +232,9 @@ def fit(
     the last checkpoint of that run. ``callbacks``: more Ray Train callbacks (a Tune
     trial passes ``TuneReportCallback`` here). ``on_step(progress)`` is called every few
     seconds during an epoch with rank 0's progress (step, total, images/s, running loss)."""
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node, as Ray Train's controller: losing another node must not lose the reports.
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     if on_step is not None:  # rank 0 puts its progress into the same queue
         train_loop_config = {**train_loop_config, "progress": queue}
     stop = threading.Event()
