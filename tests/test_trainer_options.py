@@ -85,3 +85,43 @@ def test_bf16_autocast_trains_the_real_step_on_the_cpu():
 def test_impossible_trainer_options_are_refused_before_ray(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_train_config(compose_train(["+experiment=smoke", *overrides]))
+
+
+def test_channels_last_model_learns_the_same_as_the_default_layout():
+    """trainer.channels_last changes the memory layout only: two steps from the same
+    weights end at the same weights (up to float summation order), and the saved state
+    loads into a model built the usual way."""
+    cfg = compose_train(["+experiment=smoke"])
+    models = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_detector(cfg.model, len(cfg.dataset.classes) + 1)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        torch.manual_seed(1)
+        train_one_epoch(model, optimizer, [_step_inputs()] * 2, epoch=0)
+        models.append(model)
+    plain, nhwc = (m.state_dict() for m in models)
+    assert nhwc["backbone.body.0.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    for key, value in plain.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, nhwc[key], rtol=1e-3, atol=1e-5), key
+    fresh = build_detector(cfg.model, len(cfg.dataset.classes) + 1)
+    fresh.load_state_dict(nhwc)
+    assert torch.equal(fresh.state_dict()["backbone.body.0.0.weight"], nhwc["backbone.body.0.0.weight"])
+
+
+def test_the_next_epoch_started_early_yields_every_batch_once_and_passes_errors_on():
+    from detexp.worker import StartedEarly
+
+    started = StartedEarly(iter(range(5)))
+    assert list(started) == [0, 1, 2, 3, 4]
+    assert list(StartedEarly(iter([]))) == []
+
+    def broken():
+        raise OSError("shard gone")
+        yield  # a generator
+
+    with pytest.raises(OSError, match="shard gone"):
+        list(StartedEarly(broken()))
