@@ -6,8 +6,9 @@ images) and reports:
 - ``map``, ``map_50``, ``map_75``, ``map_small``, ``map_medium``, ``map_large``: COCO-style,
   one faster_coco_eval COCOeval run on datasets built as torchmetrics'
   ``MeanAveragePrecision`` builds them, with its semantics: -1 where undefined, at most 100
-  detections per image and class, boxes in continuous coordinates. VOC ``difficult`` objects are passed as COCO ``iscrowd``, so
-  detections on them are ignored rather than counted as false positives.
+  detections per image and class, boxes in continuous coordinates. VOC ``difficult``
+  objects are passed as COCO ``iscrowd``, so detections on them are ignored rather than
+  counted as false positives.
 - ``voc07_map`` (11-point interpolated AP, at the recall points of py-faster-rcnn's
   voc_eval.py and Detectron2: ``np.arange(0.0, 1.1, 0.1)``, float rounding included) and
   ``voc12_map`` (area under the monotone PR curve, devkit 2010+), both at IoU 0.5 following
