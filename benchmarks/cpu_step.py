@@ -39,8 +39,9 @@ VARIANTS = [
     ("64 RoIs, 320 px", 320, 64, 500, 2, False),
     ("32 RoIs, 320 px", 320, 32, 500, 2, False),
     ("32 RoIs, 320 px, RoIAlign sampling 1", 320, 32, 500, 1, False),
-    ("+ channels-last (the default)", 320, 32, 500, 1, True),
-    ("the default at 256 px", 256, 32, 500, 1, True),
+    ("32 RoIs, 320 px, sampling 1, channels-last", 320, 32, 500, 1, True),
+    ("32 RoIs, 320 px, channels-last (the default)", 320, 32, 500, 2, True),
+    ("sampling 1, channels-last, 256 px", 256, 32, 500, 1, True),
 ]
 
 
