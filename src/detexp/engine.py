@@ -64,6 +64,8 @@ def train_one_epoch(
     ``amp``: ``bf16`` or ``fp16`` runs the forward pass under autocast; fp16 needs
     ``scaler`` (a ``GradScaler``), which scales the loss so small gradients survive."""
     model.train()
+    if scaler is None:  # a disabled scaler passes the loss and the step through unchanged
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
     sums: dict[str, float] = defaultdict(float)
     stats = EpochStats()
     start = time.perf_counter()
@@ -78,18 +80,12 @@ def train_one_epoch(
         _raise_if_any_rank_diverged(values, loss.device, epoch, stats.steps)
 
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimizer.step()
+        scaler.scale(loss).backward()
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
         if warmup is not None:
             warmup.step()
 
