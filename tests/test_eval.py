@@ -63,6 +63,10 @@ def test_train_validates_every_epoch_and_reports_at_the_end(trained):
     run_id = trained.result["run_id"]
     for key in ("val/map", "val/map_50", "val/voc07_map", "val/voc12_map"):
         assert len(_history(client, run_id, key)) == trained.cfg.schedule.epochs, key
+    # Each epoch says how much of its time the steps waited for their batches.
+    epoch_s, waited = (_history(client, run_id, f"train/{k}") for k in ("epoch_s", "data_wait_s"))
+    assert len(waited) == trained.cfg.schedule.epochs
+    assert all(0 < w < e for w, e in zip(waited, epoch_s, strict=True))
 
     report = {f"eval/{name}" for name in (
         "metrics.json", "predictions.jsonl", "per_class_ap.csv", "per_class_ap.md", "predictions_grid.jpg",

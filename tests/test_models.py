@@ -110,3 +110,24 @@ def test_roi_sampling_ratio_reaches_roialign_and_survives_in_the_inference_model
     assert build_inference_model(cfg, 3).roi_heads.box_roi_pool.sampling_ratio == 1
     with pytest.raises(ConfigError, match=r"model.roi_sampling_ratio=-1 must be 0 \(adaptive\) or more"):
         build_detector(_cfg(roi_sampling_ratio=-1), num_classes=3)
+
+
+def test_box_head_size_gives_a_fresh_head_that_survives_in_the_inference_model():
+    from detexp.models import build_inference_model
+
+    default = build_detector(_cfg(), num_classes=3)
+    assert default.roi_heads.box_head.fc6.out_features == 1024  # torchvision's
+    cfg = _cfg(box_head_size=64)
+    model = build_detector(cfg, num_classes=3)
+    head, predictor = model.roi_heads.box_head, model.roi_heads.box_predictor
+    assert (head.fc6.in_features, head.fc6.out_features, head.fc7.out_features) == (256 * 7 * 7, 64, 64)
+    assert (predictor.cls_score.in_features, predictor.cls_score.out_features) == (64, 3)
+    model.eval()
+    assert set(model([torch.rand(3, 100, 120)])[0]) == {"boxes", "labels", "scores"}
+    # A checkpoint of that model loads into the model eval/predict build from its config.
+    build_inference_model(cfg, 3).load_state_dict(model.state_dict())
+    with pytest.raises(ConfigError, match="model.box_head_size=0 must be at least 1"):
+        build_detector(_cfg(box_head_size=0), num_classes=3)
+    v2 = OmegaConf.structured(ModelConfig(name="fasterrcnn_resnet50_fpn_v2", box_head_size=64))
+    with pytest.raises(ConfigError, match="fasterrcnn_resnet50_fpn_v2's box head has convolutions"):
+        weight_files(v2)  # the driver's first check, before Ray starts

@@ -131,3 +131,37 @@ def test_the_next_epoch_started_early_yields_every_batch_once_and_passes_errors_
 
     with pytest.raises(OSError, match="shard gone"):
         list(StartedEarly(broken()))
+
+
+@pytest.mark.parametrize("limit_mib", [16, 0.01, 0])
+def test_val_images_are_kept_after_the_first_pass_only_when_they_fit(ray_cluster, tmp_path, limit_mib):
+    """trainer.keep_val_mib: a val shard that fits is decoded once; later passes give the
+    same images even when the files change. One that does not fit is read again."""
+    from PIL import Image
+
+    from detexp.data.annotations import read_annotations
+    from detexp.data.pipeline import batch_to_tensors, decode_images
+    from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
+    from detexp.worker import KeptShard
+
+    root = generate_shapes(tmp_path / "shapes", num_train=6, num_val=0, image_size=64)
+    ids = [f"{i:06d}" for i in range(1, 7)]
+    shard = KeptShard(decode_images(read_annotations(root, ids, SHAPES_CLASSES), root), 4, limit_mib)
+
+    def images_by_id():
+        out = {}
+        for table in shard:
+            images, targets = batch_to_tensors(table)
+            out |= {t["image_id"]: image for image, t in zip(images, targets, strict=True)}
+        return out
+
+    first = images_by_id()
+    assert sorted(first) == ids
+    for image_id in ids:  # the files change on disk after the first validation
+        path = root / "JPEGImages" / f"{image_id}.jpg"
+        Image.new("RGB", Image.open(path).size, (0, 0, 0)).save(path)
+    second = images_by_id()
+    assert sorted(second) == ids
+    kept = limit_mib == 16  # 6 images of at most 77 x 77 x 3 bytes fit in 16 MiB, not in 0.01
+    assert all(torch.equal(first[i], second[i]) == kept for i in ids)
+    assert all((second[i].max() == 0) != kept for i in ids)

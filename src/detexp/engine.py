@@ -39,6 +39,7 @@ class EpochStats:
     steps: int = 0
     images: int = 0
     seconds: float = 0.0
+    data_seconds: float = 0.0  # of `seconds`, spent waiting for the next batch
     losses: dict[str, float] = field(default_factory=dict)  # mean over the epoch's steps
     lr: float = 0.0  # at the end of the epoch (before the epoch-level scheduler steps)
 
@@ -69,7 +70,14 @@ def train_one_epoch(
     sums: dict[str, float] = defaultdict(float)
     stats = EpochStats()
     start = time.perf_counter()
-    for images, targets in batches:
+    batch_iter = iter(batches)
+    while True:
+        wait_start = time.perf_counter()
+        try:
+            images, targets = next(batch_iter)
+        except StopIteration:
+            break
+        stats.data_seconds += time.perf_counter() - wait_start
         check_targets(targets)
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         with autocast(images[0].device if images else torch.device("cpu"), amp):

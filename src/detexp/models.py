@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models import detection as tvd
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from detexp.errors import ConfigError
@@ -40,6 +40,9 @@ BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
     ),
 }
 
+# Builders whose box head is not torchvision's TwoMLPHead (model.box_head_size cannot apply).
+CONV_BOX_HEADS = ("fasterrcnn_resnet50_fpn_v2",)
+
 
 def _weight(enum: Any, name: str | None, key: str) -> Any:
     if name is None:
@@ -63,6 +66,13 @@ def check_model_config(cfg: Any) -> None:
         raise ConfigError(
             f"model.roi_sampling_ratio={cfg.roi_sampling_ratio} must be 0 (adaptive) or more "
             "(points per RoIAlign bin side; torchvision uses 2)"
+        )
+    if cfg.box_head_size is not None and cfg.box_head_size < 1:
+        raise ConfigError(f"model.box_head_size={cfg.box_head_size} must be at least 1 (torchvision: 1024)")
+    if cfg.box_head_size is not None and cfg.name in CONV_BOX_HEADS:
+        raise ConfigError(
+            f"model.box_head_size={cfg.box_head_size}: {cfg.name}'s box head has convolutions, "
+            "not the two fully connected layers it sizes; leave it null"
         )
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
         raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: no such file")
@@ -130,9 +140,22 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
     if weights is not None and len(weights.meta["categories"]) != num_classes:
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    if cfg.box_head_size is not None:
+        _resize_box_head(model, cfg, num_classes)
     if cfg.checkpoint is not None:
         model.load_state_dict(load_model_state(cfg.checkpoint, num_classes))
     return model
+
+
+def _resize_box_head(model: tvd.FasterRCNN, cfg: Any, num_classes: int) -> None:
+    """A fresh two-layer box head of ``model.box_head_size`` features (and a predictor to
+    match) in place of the builder's: its first layer, pooled RoI features (256 x 7 x 7) to
+    1024, is the largest matrix of the model (12.8M weights, four times the MobileNet
+    backbone) and multiplies every RoI of every step."""
+    head = model.roi_heads.box_head
+    if head.fc7.out_features != cfg.box_head_size:
+        model.roi_heads.box_head = TwoMLPHead(head.fc6.in_features, cfg.box_head_size)
+        model.roi_heads.box_predictor = FastRCNNPredictor(cfg.box_head_size, num_classes)
 
 
 def load_model_state(path: str | Path, num_classes: int | None = None) -> dict[str, torch.Tensor]:

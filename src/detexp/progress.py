@@ -16,6 +16,7 @@ from detexp.checkpoints import BEST_FILE, SavedCheckpoint, copy_checkpoint_file
 log = logging.getLogger("detexp")
 
 EPOCH_KEY = "epoch"  # MLflow metric logged with every epoch (step = the 0-based epoch)
+WAIT_NOTED = 0.1  # the epoch line says how long steps waited for data from this share on
 # Report keys that steer the driver rather than describe the epoch: not logged as metrics.
 _CONTROL_KEYS = ("epoch", "epochs_done", "improved", "stopped_early", "best/epoch", "best/value")
 
@@ -88,10 +89,13 @@ class EpochProgress:
         eta = per_epoch * (self.epochs - epoch - 1)
         parts = " ".join(f"{short} {metrics.get('train/' + k, float('nan')):.3f}" for k, short in self.SHORT.items())
         workers = int(metrics.get("train/workers", 1))
+        waited = metrics.get("train/data_wait_s", 0.0) / max(metrics.get("train/epoch_s", 0.0), 1e-9)
         log.info(
-            "epoch %d/%d  loss %.3f (%s)  lr %.4g  %.2f steps/s%s  val map %.3f map_50 %.3f%s  ETA %s",
+            "epoch %d/%d  loss %.3f (%s)  lr %.4g  %.2f steps/s%s%s  val map %.3f map_50 %.3f%s  ETA %s",
             epoch + 1, self.epochs, metrics.get("train/loss", float("nan")), parts, metrics.get("train/lr", 0.0),
             metrics.get("train/steps_per_s", 0.0),
+            # The input pipeline is the bottleneck when steps wait for their batches.
+            f" ({waited:.0%} waiting for data)" if waited >= WAIT_NOTED else "",
             f" on {workers} workers" + (f", {int(metrics['train/nodes'])} nodes" if metrics.get("train/nodes", 1) > 1 else "")
             if workers > 1 else "",
             metrics.get("val/map", float("nan")),

@@ -79,6 +79,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_shard = ray.train.get_dataset_shard("val")
     except KeyError:  # no val split (dataset.val_split=null, or val_fraction=0)
         val_shard = None
+    else:
+        val_shard = KeptShard(val_shard, cfg.dataset.batch_size, cfg.trainer.keep_val_mib)
     steps_per_epoch = config.get("steps_per_epoch")
 
     def epoch_batches(epoch: int):
@@ -110,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             next_batches = StartedEarly(epoch_batches(epoch + 1))
 
         val_start = time.perf_counter()
-        val_metrics = _validate(model, val_shard, cfg.dataset.batch_size, device, classes) if val_shard is not None else {}
+        val_metrics = _validate(model, val_shard, device, classes) if val_shard is not None else {}
         metrics = {
             "epoch": epoch,
             "train/loss": stats.losses.get("loss", float("nan")),
@@ -122,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/workers": _world_size(),  # fewer than scaling.num_workers after an elastic resize
             "train/nodes": _node_count(),
             "train/epoch_s": stats.seconds,
+            "train/data_wait_s": stats.data_seconds,  # of epoch_s: the step waited for its batch
             "val/epoch_s": time.perf_counter() - val_start,
             **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
             "epochs_done": epoch + 1,
@@ -258,12 +261,49 @@ def group_by_orientation(tables, batch_size: int):
             yield rows.slice(start, batch_size)
 
 
-def _validate(model, shard, batch_size, device, classes) -> dict[str, Any]:
-    """Predict this worker's val shard, gather the per-image records on every rank and
-    compute the metrics (identical on all ranks; only rank 0's are logged)."""
+class KeptShard:
+    """A val shard's decoded batches, kept in this worker's memory after the first full
+    pass when they fit in ``limit_mib`` on every rank, so later validations skip Ray Data
+    (whose per-epoch restart of the read and decode tasks costs more than predicting a
+    small val split on a CPU). Otherwise every pass streams the shard again."""
+
+    def __init__(self, shard, batch_size: int, limit_mib: float):
+        self.shard, self.batch_size, self.limit = shard, batch_size, limit_mib * 2**20
+        self.tables: list | None = None
+
+    def __iter__(self) -> Iterator:
+        if self.tables is not None:
+            yield from self.tables
+            return
+        kept: list | None = [] if self.limit > 0 else None
+        size = 0
+        for table in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
+            if kept is not None:
+                size += table.nbytes
+                kept = kept + [table] if size <= self.limit else None
+            yield table
+        # The ranks' shards differ in size: keep only if all fit, so that every rank stops
+        # (or goes on) reading its shard together, as streaming_split requires.
+        if self.limit > 0 and _all_ranks(kept is not None):
+            self.tables = kept
+
+
+def _all_ranks(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor(1.0 if flag else 0.0, device=ray.train.torch.get_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.item() == 1.0
+
+
+def _validate(model, tables, device, classes) -> dict[str, Any]:
+    """Predict this worker's val shard (``tables``: its batches), gather the per-image
+    records on every rank and compute the metrics (identical on all ranks; only rank 0's
+    are logged)."""
     evaluator = DetectionEvaluator(classes)
     net = unwrap(model)
-    for images, targets in _batches(shard, batch_size, device, shuffle=False):
+    for table in tables:
+        images, targets = batch_to_tensors(table, device)
         evaluator.update(predict(net, images), targets)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
