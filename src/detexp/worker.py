@@ -49,30 +49,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if threads:  # Ray sets it to the worker's CPU share; make torch honour it
         torch.set_num_threads(int(threads))
 
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
-    _place_weight_files(config.get("weights") or {})
-    model = build_detector(cfg.model, num_classes)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    scheduler = build_scheduler(cfg.schedule, optimizer)
-    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.amp == "fp16" else None
-
-    start_epoch = 0
-    best = BestEpoch(cfg.schedule.monitor_mode, cfg.schedule.patience)
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        start_epoch = state["epoch"] + 1
-        best.load_state_dict(state.get("best"))
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+    start_epoch = 0 if state is None else state["epoch"] + 1
 
     train_shard = ray.train.get_dataset_shard("train")
     try:
@@ -89,7 +71,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prefetch=cfg.trainer.prefetch_batches, group=cfg.trainer.group_aspect_ratio,
         )
 
-    next_batches = None
+    # Ray Data's first batch takes seconds (its read and decode tasks start up): ask for it
+    # now, so that the wait overlaps with building the model.
+    next_batches = StartedEarly(epoch_batches(start_epoch)) if start_epoch < cfg.schedule.epochs else None
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
+    _place_weight_files(config.get("weights") or {})
+    model = build_detector(cfg.model, num_classes)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    scheduler = build_scheduler(cfg.schedule, optimizer)
+    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.amp == "fp16" else None
+
+    best = BestEpoch(cfg.schedule.monitor_mode, cfg.schedule.patience)
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        best.load_state_dict(state.get("best"))
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        del state
+
     for epoch in range(start_epoch, cfg.schedule.epochs):
         warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
         batches = next_batches or epoch_batches(epoch)
@@ -169,7 +175,8 @@ class StartedEarly:
     """An iterator of batches whose first batch is asked for at once, in a thread.
 
     Ray Data needs a second or more to deliver an epoch's first batch (the shard's
-    execution restarts and the shuffle buffer fills). Started while the previous epoch
+    execution restarts and the shuffle buffer fills; the first epoch's, many seconds while
+    its tasks start up). Started while the model is built, or while the previous epoch
     validates and checkpoints, that wait overlaps with work instead of stalling the first
     training step. Iterate it once."""
 
