@@ -11,6 +11,7 @@ the patience count) and ``classes``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -29,6 +30,9 @@ log = logging.getLogger("detexp")
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each of Ray Train's checkpoint folders
 CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
+# Next to it in a new best epoch's folder: that epoch's val predictions (Arrow IPC, rows of
+# detexp.reports.PREDICTION_SCHEMA), from which the end-of-training report is made.
+PREDICTIONS_FILE = "val_predictions.arrow"
 FINAL_FILE = "model_final.pt"
 BEST_FILE = "model_best.pt"
 RUN_ID_FILE = "mlflow_run_id"  # a training run directory's MLflow run id
@@ -247,3 +251,17 @@ def copy_checkpoint_file(checkpoint: Any, target: Path) -> Path:
     with checkpoint.as_directory() as d:
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, target)
     return target
+
+
+def read_predictions(checkpoint: Any) -> Any:
+    """The val predictions a Ray checkpoint (or a path to its folder) holds, as a pyarrow
+    Table, or None when it holds none."""
+    import pyarrow as pa
+
+    with contextlib.ExitStack() as stack:
+        folder = Path(checkpoint) if isinstance(checkpoint, str | Path) else Path(stack.enter_context(checkpoint.as_directory()))
+        path = folder / PREDICTIONS_FILE
+        if not path.is_file():
+            return None
+        with pa.OSFile(str(path)) as source:  # read into memory: the folder may be a temporary copy
+            return pa.ipc.open_file(source).read_all()

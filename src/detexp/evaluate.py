@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -46,6 +47,7 @@ from detexp.inference import BATCHES_PER_BLOCK, prediction_records, run_predicto
 
 log = logging.getLogger("detexp")
 WORST_IMAGES = 8  # images in worst_images.jpg
+GRID_IMAGES = 8  # the val split's first images (by id), drawn in predictions_grid.jpg
 
 
 def split_ids(dataset_cfg: Any, root: Path) -> list[str]:
@@ -64,17 +66,20 @@ def split_ids(dataset_cfg: Any, root: Path) -> list[str]:
 
 def evaluate_split(
     cfg: Any,
-    state: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor] | None,
     out_dir: Path,
     batch_size: int,
     score_threshold: float = 0.5,
-    grid_images: int = 8,
+    grid_images: int = GRID_IMAGES,
+    predictions: Any = None,
 ) -> tuple[dict[str, Any], list[Path], Summary]:
     """Predict ``cfg.dataset``'s val split with ``cfg.model`` and ``state`` on the running
     Ray, and write ``metrics.json``, ``predictions.jsonl``, ``per_class_ap.csv/.md``,
     ``pr_curves/pr_<class>.png``, ``predictions_grid.jpg`` and the diagnostics at
     ``score_threshold`` (``confusion_matrix.csv/.png``, ``threshold_curves.csv/.png``,
-    ``worst_images.jpg``) into ``out_dir``. Returns the metrics
+    ``worst_images.jpg``) into ``out_dir``. ``predictions``: the rows a train worker kept
+    of this model's validation (a pyarrow Table of PREDICTION_SCHEMA rows, the first
+    ``grid_images`` images drawn), written up instead of predicting again. Returns the metrics
     (``DetectionEvaluator.compute()``), the files written and the diagnostics' totals."""
     from detexp.data.annotations import problems_of, read_annotations
     from detexp.data.pipeline import decode_images
@@ -92,7 +97,11 @@ def evaluate_split(
     annotations = read_annotations(root, ids, classes).materialize()
     usable = _apply_error_policy(cfg.dataset.on_error, problems_of(annotations), len(ids), out_dir)
     annotations = annotations.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
-    log.info("evaluating %d images of %s (%s) with %d actor(s)", usable, root, cfg.dataset.val_split, cfg.scaling.num_workers)
+    if predictions is None:
+        log.info("evaluating %d images of %s (%s) with %d actor(s)", usable, root, cfg.dataset.val_split, cfg.scaling.num_workers)
+    else:
+        log.info("report on %d images of %s (%s) from the validation the model had in training",
+                 predictions.num_rows, root, cfg.dataset.val_split)
 
     evaluator = DetectionEvaluator(classes)
     diagnostics = DetectionDiagnostics(classes, score_threshold, worst=WORST_IMAGES)
@@ -100,11 +109,14 @@ def evaluate_split(
     drawn: dict[str, bytes] = {}
     predictions_path = out_dir / "predictions.jsonl"
     started = time.perf_counter()
-    stream = run_predictor(
-        decode_images(annotations, root, 0.0), cfg.model, classes, state, cfg.scaling,
-        batch_size, draw=shown, draw_threshold=score_threshold, total=usable,
-        ray_log=None if cfg.ray.verbose else out_dir / "ray.log",
-    )
+    if predictions is None:
+        stream = run_predictor(
+            decode_images(annotations, root, 0.0), cfg.model, classes, state, cfg.scaling,
+            batch_size, draw=shown, draw_threshold=score_threshold, total=usable,
+            ray_log=None if cfg.ray.verbose else out_dir / "ray.log",
+        )
+    else:
+        stream = (pa.Table.from_batches([b]) for b in predictions.to_batches(max_chunksize=batch_size))
     with predictions_path.open("w") as out, contextlib.closing(stream):
         for batch in stream:
             ids = batch.column("image_id").to_pylist()
@@ -114,7 +126,8 @@ def evaluate_split(
             write_jsonl(out, ids, preds, classes)
             drawn.update({i: d for i, d in zip(ids, batch.column("drawn").to_pylist(), strict=True) if d})
     seconds = time.perf_counter() - started
-    log.info("predicted %d images in %.1fs (%.1f images/s)", len(evaluator), seconds, len(evaluator) / max(seconds, 1e-9))
+    if predictions is None:
+        log.info("predicted %d images in %.1fs (%.1f images/s)", len(evaluator), seconds, len(evaluator) / max(seconds, 1e-9))
 
     # faster_coco_eval logs its own summary table at INFO; ours follows in one line.
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
@@ -232,22 +245,30 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     return {**metrics, "run_id": run_id, "run_dir": str(run_dir)}
 
 
-def report_training(cfg: DictConfig, checkpoint: Any, run_dir: str | Path, tracker) -> dict[str, Any] | None:
+def report_training(
+    cfg: DictConfig, checkpoint: Any, run_dir: str | Path, tracker, predictions: Any = None,
+) -> dict[str, Any] | None:
     """The end of ``detexp train``: the same files as ``eval`` for the final checkpoint
     (a ``ray.train.Checkpoint`` or a file) on the val split, written to ``run_dir/eval``
     and logged as the training run's ``eval/`` artifacts. Ray must be running.
+    ``predictions``: that checkpoint's validation rows, kept by the workers; the report is
+    then made from them, with no new pass over the images.
 
     Training has succeeded by then, so a failure here is logged, not raised; returns the
     metrics, or None when there was nothing to report."""
     if checkpoint is None:
         return None
     try:
-        if hasattr(checkpoint, "as_directory"):
+        if predictions is not None:
+            state = None
+        elif hasattr(checkpoint, "as_directory"):
             with checkpoint.as_directory() as d:
                 state = load_state(Path(d) / CHECKPOINT_FILE, cfg.model, len(cfg.dataset.classes) + 1)
         else:
             state = load_state(Path(checkpoint), cfg.model, len(cfg.dataset.classes) + 1)
-        metrics, files, _ = evaluate_split(cfg, state, Path(run_dir) / "eval", cfg.dataset.batch_size)
+        metrics, files, _ = evaluate_split(
+            cfg, state, Path(run_dir) / "eval", cfg.dataset.batch_size, predictions=predictions,
+        )
         for path in files:
             tracker.log_artifact(path, "eval/pr_curves" if path.parent.name == "pr_curves" else "eval")
     except Exception as exc:  # noqa: BLE001 - the trained model and its run are fine

@@ -15,7 +15,6 @@ a batch of them into the per-image arrays the metrics take, without Python float
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from detexp.models import build_inference_model, load_weights
+from detexp.reports import prediction_table
 
 log = logging.getLogger("detexp")
 
@@ -42,22 +42,6 @@ PROGRESS_EVERY_S = 30.0
 # busy and the results streaming. (The annotation reader makes blocks of hundreds of
 # images: with 5,000 images, 6 tasks of ~830 images each, results in bulk, 6 actors at most.)
 BATCHES_PER_BLOCK = 4
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("det_boxes", pa.list_(pa.float32())),  # flat xmin, ymin, xmax, ymax, ...
-        ("det_scores", pa.list_(pa.float32())),
-        ("det_labels", pa.list_(pa.int64())),
-        ("gt_boxes", pa.list_(pa.float32())),
-        ("gt_labels", pa.list_(pa.int64())),
-        ("gt_difficult", pa.list_(pa.bool_())),
-        ("drawn", pa.binary()),  # the image with its boxes drawn, encoded; empty if not asked for
-        ("error", pa.string()),  # why an image could not be read (predict); null when fine
-    ]
-)
 
 
 class Predictor:
@@ -114,44 +98,7 @@ class Predictor:
             for i, out in zip(usable, predict(self.model, images), strict=True):
                 keep = out["scores"] >= self.min_score
                 outputs[i] = {k: v[keep] for k, v in out.items()}
-        columns: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
-        for i in range(n):
-            shape = rows["image_shape"][i] or [3, 0, 0]
-            out = outputs.get(i)
-            columns["image_id"].append(rows["image_id"][i])
-            columns["height"].append(int(shape[1]))
-            columns["width"].append(int(shape[2]))
-            columns["det_boxes"].append(out["boxes"].reshape(-1).tolist() if out else [])
-            columns["det_scores"].append(out["scores"].tolist() if out else [])
-            columns["det_labels"].append(out["labels"].tolist() if out else [])
-            columns["gt_boxes"].append(rows["boxes"][i])
-            columns["gt_labels"].append(rows["labels"][i])
-            columns["gt_difficult"].append(rows["difficult"][i])
-            wanted = self.draw is True or (self.draw and rows["image_id"][i] in self.draw)
-            columns["drawn"].append(self._draw(rows, i, out) if out is not None and wanted else b"")
-            columns["error"].append(errors[i] or None)
-        return pa.Table.from_pydict(columns, schema=PREDICTION_SCHEMA)
-
-    def _draw(self, rows: dict[str, list], i: int, out: dict[str, torch.Tensor]) -> bytes:
-        from detexp.reports import draw_detections
-
-        c, h, w = rows["image_shape"][i]
-        pixels = np.frombuffer(rows["image"][i], dtype=np.uint8).reshape(c, h, w).transpose(1, 2, 0)
-        shown = out["scores"] >= self.draw_threshold
-        image = draw_detections(
-            pixels, out["boxes"][shown], out["labels"][shown], out["scores"][shown], self.classes,
-            gt_boxes=np.asarray(rows["boxes"][i], dtype=np.float32).reshape(-1, 4),
-            gt_labels=rows["labels"][i],
-        )
-        return encode_image(image, rows["image_id"][i])
-
-
-def encode_image(image: Image.Image, name: str) -> bytes:
-    """``image`` in the format of ``name``'s suffix (JPEG when it has none we know)."""
-    fmt = Image.registered_extensions().get(Path(name).suffix.lower(), "JPEG")
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
+        return prediction_table(rows, outputs, self.classes, self.draw, self.draw_threshold, errors)
 
 
 def decode_files(batch: pa.Table) -> pa.Table:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from detexp.checkpoints import BEST_FILE, SavedCheckpoint, copy_checkpoint_file
+from detexp.checkpoints import BEST_FILE, SavedCheckpoint, copy_checkpoint_file, read_predictions
 
 log = logging.getLogger("detexp")
 
@@ -53,6 +53,7 @@ class EpochProgress:
         self.best_file = run_dir / BEST_FILE if run_dir is not None else None
         self.monitor = monitor
         self.best_metrics: dict[str, Any] = {}  # the report of the best epoch so far
+        self.best_predictions: Any = None  # its val predictions (a pyarrow Table), when seen here
         self.live = LiveProgress(epochs, every_s=progress_every_s)
 
     def backfill(self, previous: SavedCheckpoint) -> None:
@@ -108,6 +109,8 @@ class EpochProgress:
     def _keep_best(self, metrics: dict[str, Any], checkpoint: Any) -> None:
         if metrics.get("improved"):
             self.best_metrics = metrics
+            # Read now: Ray Train may delete the folder later (checkpoints_to_keep).
+            self.best_predictions = read_predictions(checkpoint) if checkpoint is not None else None
         if self.best_file is not None and metrics.get("improved") and checkpoint is not None:
             copy_checkpoint_file(checkpoint, self.best_file)
 

@@ -112,6 +112,7 @@ def train(
     :class:`TrainingDivergedError` when the loss becomes NaN/inf (the MLflow run is then
     FAILED and the last good checkpoint stays)."""
     from detexp import launch
+    from detexp.evaluate import GRID_IMAGES
     from detexp.models import weight_files
     from detexp.optim import scaled_lr
     from detexp.tracking import Tracker, default_tags
@@ -195,6 +196,7 @@ def train(
     loop_config = {
         "cfg": worker_cfg,
         "steps_per_epoch": math.ceil(rows_per_worker / cfg.dataset.batch_size),
+        "shown": sorted(source.val_ids)[:GRID_IMAGES] if cfg.eval_at_end else [],  # drawn in the report's predictions grid
         "weights": launch.share_files(weights),  # nodes without them get them from the object store
     }
     log.info(
@@ -219,7 +221,9 @@ def train(
         from detexp.evaluate import report_training
 
         best = run_dir / BEST_FILE
-        report_training(cfg, best if best.is_file() else result.checkpoint, run_dir, tracker)
+        report_training(
+            cfg, best if best.is_file() else result.checkpoint, run_dir, tracker, progress.best_predictions,
+        )
     return _finish(tracker, run_id, result.checkpoint, run_dir, progress, cfg)
 
 

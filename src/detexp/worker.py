@@ -17,18 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from detexp.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT
+from detexp.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTIONS_FILE
 from detexp.data.pipeline import batch_to_tensors
 from detexp.engine import BestEpoch, NonFiniteLossError, predict, train_one_epoch
 from detexp.metrics import DetectionEvaluator
 from detexp.models import build_detector
 from detexp.optim import build_optimizer, build_scheduler, build_warmup
+from detexp.reports import prediction_table
 
 # Key of the report a worker sends instead of an epoch's metrics when the loss diverged.
 DIVERGED = "diverged"
@@ -64,6 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         val_shard = KeptShard(val_shard, cfg.dataset.batch_size, cfg.trainer.keep_val_mib)
     steps_per_epoch = config.get("steps_per_epoch")
+    shown = set(config.get("shown") or ())  # val images drawn in the report's grid
 
     def epoch_batches(epoch: int):
         return _batches(
@@ -118,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             next_batches = StartedEarly(epoch_batches(epoch + 1))
 
         val_start = time.perf_counter()
-        val_metrics = _validate(model, val_shard, device, classes) if val_shard is not None else {}
+        val_metrics, val_rows = _validate(model, val_shard, device, classes, shown) if val_shard is not None else ({}, None)
         metrics = {
             "epoch": epoch,
             "train/loss": stats.losses.get("loss", float("nan")),
@@ -140,7 +143,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[IMPROVED] = best.update(epoch, metrics.get(cfg.schedule.monitor))
             metrics["best/epoch"], metrics["best/value"] = best.epoch, best.value
             metrics[STOPPED_EARLY] = best.should_stop
-        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict(), scaler)
+        # A new best epoch's checkpoint keeps its val predictions: the report at the end of
+        # training (eval_at_end) is made from them instead of predicting again.
+        predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and cfg.eval_at_end else None
+        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict(), scaler, predictions)
         if best.should_stop:
             return
 
@@ -303,25 +309,54 @@ def _all_ranks(flag: bool) -> bool:
     return value.item() == 1.0
 
 
-def _validate(model, tables, device, classes) -> dict[str, Any]:
+def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa.Table | None]:
     """Predict this worker's val shard (``tables``: its batches), gather the per-image
     records on every rank and compute the metrics (identical on all ranks; only rank 0's
-    are logged)."""
+    are logged). Also returns this rank's predictions as report rows (the ``shown`` image
+    ids drawn), which the best epoch's checkpoint keeps for the report at the end."""
     evaluator = DetectionEvaluator(classes)
     net = unwrap(model)
+    rows = []
     for table in tables:
         images, targets = batch_to_tensors(table, device)
-        evaluator.update(predict(net, images), targets)
+        outputs = predict(net, images)
+        evaluator.update(outputs, targets)
+        rows.append(_report_rows(table, outputs, classes, shown))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, evaluator.state())
         evaluator.reset()
         for state in gathered:
             evaluator.merge(state)
-    return {**evaluator.compute(), "images": len(evaluator)}  # -> val/images: none dropped
+    metrics = {**evaluator.compute(), "images": len(evaluator)}  # -> val/images: none dropped
+    return metrics, pa.concat_tables(rows) if rows else None
 
 
-def _report(metrics, model, optimizer, scheduler, config, epoch, best, scaler=None) -> None:
+def _report_rows(table: pa.Table, outputs: list[dict], classes: list[str], shown: set[str]) -> pa.Table:
+    """A val batch's predictions as :data:`~detexp.reports.PREDICTION_SCHEMA` rows; only the
+    ``shown`` images' pixels leave Arrow (to be drawn)."""
+    columns = table.drop_columns(["image"]).to_pydict()
+    pixels = table.column("image")
+    columns["image"] = [pixels[i].as_py() if image_id in shown else b"" for i, image_id in enumerate(columns["image_id"])]
+    return prediction_table(columns, dict(enumerate(outputs)), classes, draw=shown)
+
+
+def _gather_rows(rows: pa.Table | None) -> pa.Table | None:
+    """Every rank's report rows on rank 0 (None elsewhere)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return rows
+    rank = dist.get_rank()
+    gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    if rank != 0:
+        return None
+    parts = [part for part in gathered if part is not None]
+    return pa.concat_tables(parts) if parts else None
+
+
+def _report(metrics, model, optimizer, scheduler, config, epoch, best, scaler=None, predictions=None) -> None:
+    """Report the epoch's metrics, with a checkpoint from rank 0; ``predictions`` (the val
+    report rows of a new best epoch) go into the checkpoint as :data:`PREDICTIONS_FILE`."""
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -340,4 +375,7 @@ def _report(metrics, model, optimizer, scheduler, config, epoch, best, scaler=No
             },
             Path(tmp) / CHECKPOINT_FILE,
         )
+        if predictions is not None:
+            with pa.ipc.new_file(str(Path(tmp) / PREDICTIONS_FILE), predictions.schema) as out:
+                out.write_table(predictions)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
