@@ -136,6 +136,21 @@ def check_targets(targets: Iterable[dict]) -> None:
             )
 
 
+def distributed() -> bool:
+    """Whether this process is one of several DDP ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on every rank (one scalar all-reduce; the flag itself
+    without DDP). Every rank must call it at the same point."""
+    if not distributed():
+        return flag
+    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.item() == 1.0
+
+
 def _raise_if_any_rank_diverged(values: dict[str, float], device: torch.device, epoch: int, step: int) -> None:
     """Raise NonFiniteLossError on every rank together when the loss is NaN/inf on any.
 
@@ -143,15 +158,10 @@ def _raise_if_any_rank_diverged(values: dict[str, float], device: torch.device, 
     all-reduce forever, so the ranks agree on one flag each step (one scalar all-reduce,
     cheap next to DDP's gradient all-reduce), and share the offending rank's losses.
     """
-    finite = math.isfinite(values["loss"])
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        if not finite:
-            raise NonFiniteLossError(epoch, step, values)
+    if all_ranks(math.isfinite(values["loss"]), device):
         return
-    flag = torch.tensor(1.0 if finite else 0.0, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if flag.item() == 1.0:
-        return
+    if not distributed():
+        raise NonFiniteLossError(epoch, step, values)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, values)
     rank = next(r for r, v in enumerate(gathered) if not math.isfinite(v["loss"]))

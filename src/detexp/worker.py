@@ -26,7 +26,14 @@ from omegaconf import OmegaConf
 
 from detexp.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTIONS_FILE
 from detexp.data.pipeline import batch_to_tensors
-from detexp.engine import BestEpoch, NonFiniteLossError, predict, train_one_epoch
+from detexp.engine import (
+    BestEpoch,
+    NonFiniteLossError,
+    all_ranks,
+    distributed,
+    predict,
+    train_one_epoch,
+)
 from detexp.metrics import DetectionEvaluator
 from detexp.models import build_detector
 from detexp.optim import build_optimizer, build_scheduler, build_warmup
@@ -64,9 +71,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except KeyError:  # no val split (dataset.val_split=null, or val_fraction=0)
         val_shard = None
     else:
-        val_shard = KeptShard(val_shard, cfg.dataset.batch_size, cfg.trainer.keep_val_mib)
+        val_shard = KeptShard(val_shard, cfg.dataset.batch_size, cfg.trainer.keep_val_mib, device)
     steps_per_epoch = config.get("steps_per_epoch")
-    shown = set(config.get("shown") or ())  # val images drawn in the report's grid
+    # The val images drawn in the report's grid; None: no report, so no report rows.
+    shown = set(config.get("shown") or ()) if cfg.eval_at_end else None
 
     def epoch_batches(epoch: int):
         return _batches(
@@ -145,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[STOPPED_EARLY] = best.should_stop
         # A new best epoch's checkpoint keeps its val predictions: the report at the end of
         # training (eval_at_end) is made from them instead of predicting again.
-        predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and cfg.eval_at_end else None
+        predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and shown is not None else None
         _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict(), scaler, predictions)
         if best.should_stop:
             return
@@ -230,7 +238,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _node_count() -> int:
     """How many machines the workers of this epoch ran on."""
     node = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return 1
     nodes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
@@ -280,8 +288,9 @@ class KeptShard:
     (whose per-epoch restart of the read and decode tasks costs more than predicting a
     small val split on a CPU). Otherwise every pass streams the shard again."""
 
-    def __init__(self, shard, batch_size: int, limit_mib: float):
+    def __init__(self, shard, batch_size: int, limit_mib: float, device: torch.device | str = "cpu"):
         self.shard, self.batch_size, self.limit = shard, batch_size, limit_mib * 2**20
+        self.device = torch.device(device)  # of the ranks' agreement (a CUDA tensor under NCCL)
         self.tables: list | None = None
 
     def __iter__(self) -> Iterator:
@@ -293,27 +302,23 @@ class KeptShard:
         for table in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
             if kept is not None:
                 size += table.nbytes
-                kept = kept + [table] if size <= self.limit else None
+                if size <= self.limit:
+                    kept.append(table)
+                else:
+                    kept = None
             yield table
         # The ranks' shards differ in size: keep only if all fit, so that every rank stops
         # (or goes on) reading its shard together, as streaming_split requires.
-        if self.limit > 0 and _all_ranks(kept is not None):
+        if self.limit > 0 and all_ranks(kept is not None, self.device):
             self.tables = kept
-
-
-def _all_ranks(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor(1.0 if flag else 0.0, device=ray.train.torch.get_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value.item() == 1.0
 
 
 def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa.Table | None]:
     """Predict this worker's val shard (``tables``: its batches), gather the per-image
     records on every rank and compute the metrics (identical on all ranks; only rank 0's
     are logged). Also returns this rank's predictions as report rows (the ``shown`` image
-    ids drawn), which the best epoch's checkpoint keeps for the report at the end."""
+    ids drawn; None when ``shown`` is None), which the best epoch's checkpoint keeps for
+    the report at the end."""
     evaluator = DetectionEvaluator(classes)
     net = unwrap(model)
     rows = []
@@ -321,8 +326,9 @@ def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa
         images, targets = batch_to_tensors(table, device)
         outputs = predict(net, images)
         evaluator.update(outputs, targets)
-        rows.append(_report_rows(table, outputs, classes, shown))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if shown is not None:
+            rows.append(_report_rows(table, outputs, classes, shown))
+    if distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, evaluator.state())
         evaluator.reset()
@@ -343,7 +349,7 @@ def _report_rows(table: pa.Table, outputs: list[dict], classes: list[str], shown
 
 def _gather_rows(rows: pa.Table | None) -> pa.Table | None:
     """Every rank's report rows on rank 0 (None elsewhere)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return rows
     rank = dist.get_rank()
     gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
