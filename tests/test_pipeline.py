@@ -83,3 +83,26 @@ def test_annotation_read_tasks_do_not_import_torch():
     code = "import sys, detexp.data.annotations; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):
+    # Sorted ids, as real folders have them: a buffer that only mixes neighbours would give
+    # nearly the same batches every epoch.
+    from conftest import compose_train
+    from detexp.data.source import resolve
+    from detexp.train import _load_datasets
+
+    ids = [f"{i:03d}" for i in range(48)]
+    for image_id in ids:
+        _write_voc(tmp_path, image_id, size=(40, 32), box=(2, 2, 20, 20))
+    cfg = compose_train(["dataset=voc", f"dataset.root={tmp_path}", "dataset.classes=[block]", "dataset.val_fraction=0.25"])
+    source = resolve(cfg.dataset)
+    datasets, counts, _ = _load_datasets(cfg, source)
+    shard = datasets["train"].streaming_split(1)[0]  # as a worker iterates it, epoch after epoch
+
+    epochs = [[i for b in shard.iter_batches(batch_size=8) for i in b["image_id"]] for _ in range(3)]
+    assert counts["data/train_images"] == len(source.train_ids) == 36
+    assert all(sorted(order) == source.train_ids for order in epochs)  # every image once per epoch
+    assert len({tuple(order) for order in epochs + [source.train_ids]}) == 4  # three new orders
+    firsts = [set(order[:8]) for order in epochs]
+    assert len(firsts[0] & firsts[1] & firsts[2]) < 8  # not the same first batch each epoch

@@ -277,6 +277,8 @@ def _register(tracker, cfg: DictConfig, checkpoint: Path | None) -> tuple[str, s
 
 
 def _load_datasets(cfg: DictConfig, source: DataSource):
+    from ray.data import RandomSeedConfig
+
     from detexp.data.annotations import problems_of, read_annotations
     from detexp.data.pipeline import decode_images
 
@@ -297,7 +299,12 @@ def _load_datasets(cfg: DictConfig, source: DataSource):
         "read annotations of %d images in %.1fs from %s",
         len(source.train_ids) + len(source.val_ids), time.perf_counter() - started, source.root,
     )
-    datasets = {"train": decode_images(train_ann, source.root, cfg.dataset.hflip_prob)}
+    # A full shuffle of the annotation rows (a few hundred bytes each) before decoding, with
+    # a new order every epoch (each epoch executes the dataset again) that the seed repeats.
+    # A local buffer after decoding would mix only neighbours: a folder of sorted ids would
+    # give nearly the same batches every epoch.
+    shuffled = train_ann.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+    datasets = {"train": decode_images(shuffled, source.root, cfg.dataset.hflip_prob)}
     if source.val_ids:
         datasets["val"] = decode_images(val_ann, source.root, 0.0)
     return datasets, counts, problems

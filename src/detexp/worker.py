@@ -78,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def epoch_batches(epoch: int):
         return _batches(
-            train_shard, cfg.dataset.batch_size, device, shuffle=True, seed=cfg.seed + epoch,
+            train_shard, cfg.dataset.batch_size, device,
             prefetch=cfg.trainer.prefetch_batches, group=cfg.trainer.group_aspect_ratio,
         )
 
@@ -189,7 +189,7 @@ class StartedEarly:
     """An iterator of batches whose first batch is asked for at once, in a thread.
 
     Ray Data needs a second or more to deliver an epoch's first batch (the shard's
-    execution restarts and the shuffle buffer fills; the first epoch's, many seconds while
+    execution restarts and shuffles the rows; the first epoch's, many seconds while
     its tasks start up). Started while the model is built, or while the previous epoch
     validates and checkpoints, that wait overlaps with work instead of stalling the first
     training step. Iterate it once."""
@@ -249,9 +249,9 @@ def _world_size() -> int:
     return ray.train.get_context().get_world_size()
 
 
-def _batches(shard, batch_size: int, device, shuffle: bool, seed: int = 0, prefetch: int = 2, group: bool = False):
-    kwargs = {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed} if shuffle else {}
-    tables = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch, **kwargs)
+def _batches(shard, batch_size: int, device, prefetch: int = 2, group: bool = False):
+    # The rows come shuffled, every epoch differently (train._load_datasets): no local buffer.
+    tables = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch)
     for batch in group_by_orientation(tables, batch_size) if group else tables:
         yield batch_to_tensors(batch, device)
 
