@@ -12,8 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import compose_train
 from detexp.data.annotations import _read_annotations, problems_of, read_annotations
 from detexp.data.pipeline import batch_to_tensors, decode_batch
+from detexp.data.source import resolve
+from detexp.train import _load_datasets
 
 XML = """<annotation><folder>VOC</folder><filename>{filename}</filename>
 <size><width>{w}</width><height>{h}</height><depth>3</depth></size>
@@ -88,10 +91,6 @@ def test_annotation_read_tasks_do_not_import_torch():
 def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):
     # Sorted ids, as real folders have them: a buffer that only mixes neighbours would give
     # nearly the same batches every epoch.
-    from conftest import compose_train
-    from detexp.data.source import resolve
-    from detexp.train import _load_datasets
-
     ids = [f"{i:03d}" for i in range(48)]
     for image_id in ids:
         _write_voc(tmp_path, image_id, size=(40, 32), box=(2, 2, 20, 20))
