@@ -99,9 +99,8 @@ def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):
     datasets, counts, _ = _load_datasets(cfg, source)
     shard = datasets["train"].streaming_split(1)[0]  # as a worker iterates it, epoch after epoch
 
-    epochs = [[i for b in shard.iter_batches(batch_size=8) for i in b["image_id"]] for _ in range(3)]
+    epochs = [[i for b in shard.iter_batches(batch_size=8) for i in b["image_id"]] for _ in range(2)]
     assert counts["data/train_images"] == len(source.train_ids) == 36
     assert all(sorted(order) == source.train_ids for order in epochs)  # every image once per epoch
-    assert len({tuple(order) for order in epochs + [source.train_ids]}) == 4  # three new orders
-    firsts = [set(order[:8]) for order in epochs]
-    assert len(firsts[0] & firsts[1] & firsts[2]) < 8  # not the same first batch each epoch
+    assert len({tuple(order) for order in epochs + [source.train_ids]}) == 3  # two new orders
+    assert set(epochs[0][:8]) != set(epochs[1][:8])  # not the same first batch in both epochs
