@@ -57,6 +57,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # Ray sets it to the worker's CPU share; make torch honour it
         torch.set_num_threads(int(threads))
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        # Ray Train starts a process group even for one worker, which has no one to talk
+        # to; gloo's TCP loop thread would still wake 100 times a second, and every
+        # wake-up on a busy core preempts one of the training threads.
+        dist.destroy_process_group()
 
     state = None
     checkpoint = ray.train.get_checkpoint()
