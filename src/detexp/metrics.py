@@ -277,10 +277,8 @@ class DetectionEvaluator:
         self._records.extend(records)
 
     def _voc_matches(self) -> dict[str, _ClassMatches]:
-        return {
-            name: _match_class(self._records, label, self.iou_threshold)
-            for label, name in enumerate(self.class_names, start=1)
-        }
+        matches = _match_classes(self._records, len(self.class_names), self.iou_threshold)
+        return {name: matches[label] for label, name in enumerate(self.class_names, start=1)}
 
     def _coco_metrics(self) -> tuple[dict[str, float], dict[int, tuple[float, float]]]:
         """Overall COCO-style numbers and {label: (ap, ap_50)}, from one COCO evaluation.
@@ -305,14 +303,17 @@ class DetectionEvaluator:
         )
         categories = [{"id": label, "name": str(label)} for label in labels]
         images = [{"id": i} for i in range(len(self._records))]
-        gt_annotations, det_annotations = [], []
-        for i, r in enumerate(self._records):
-            gt_annotations += _coco_annotations(
-                i, r.gt_boxes, r.gt_labels, len(gt_annotations), iscrowd=r.gt_difficult
-            )
-            det_annotations += _coco_annotations(
-                i, r.det_boxes, r.det_labels, len(det_annotations), scores=r.det_scores
-            )
+        records = self._records
+        gt_annotations = _coco_annotations(
+            np.repeat(np.arange(len(records)), [len(r.gt_boxes) for r in records]),
+            np.concatenate([r.gt_boxes for r in records]), np.concatenate([r.gt_labels for r in records]),
+            iscrowd=np.concatenate([r.gt_difficult for r in records]),
+        )
+        det_annotations = _coco_annotations(
+            np.repeat(np.arange(len(records)), [len(r.det_boxes) for r in records]),
+            np.concatenate([r.det_boxes for r in records]), np.concatenate([r.det_labels for r in records]),
+            scores=np.concatenate([r.det_scores for r in records]),
+        )
         ground_truth, detections = COCO(), COCO()
         ground_truth.dataset = {"images": images, "annotations": gt_annotations, "categories": categories}
         detections.dataset = {"images": images, "annotations": det_annotations, "categories": categories}
@@ -338,16 +339,18 @@ class DetectionEvaluator:
 
 
 def _coco_annotations(
-    image: int, boxes: np.ndarray, labels: np.ndarray, first_id: int,
+    images: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
     iscrowd: np.ndarray | None = None, scores: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One image's boxes as COCO annotations, ids from ``first_id + 1`` (COCOeval needs ids > 0)."""
-    xywh = np.concatenate((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), axis=1).tolist()
-    crowd = iscrowd.astype(np.int64).tolist() if iscrowd is not None else [0] * len(xywh)
+    """Boxes (of every image, ``images`` giving each box's image) as COCO annotations with
+    ids from 1 (COCOeval needs ids > 0)."""
+    xywh = np.concatenate((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), axis=1)
+    area = xywh[:, 2] * xywh[:, 3]
+    crowd = iscrowd.astype(np.int64) if iscrowd is not None else np.zeros(len(xywh), dtype=np.int64)
+    columns = zip(images.tolist(), xywh.tolist(), area.tolist(), labels.tolist(), crowd.tolist(), strict=True)
     annotations = [
-        {"id": first_id + k + 1, "image_id": image, "bbox": box, "area": box[2] * box[3],
-         "category_id": label, "iscrowd": is_crowd}
-        for k, (box, label, is_crowd) in enumerate(zip(xywh, labels.tolist(), crowd, strict=True))
+        {"id": k, "image_id": image, "bbox": box, "area": box_area, "category_id": label, "iscrowd": is_crowd}
+        for k, (image, box, box_area, label, is_crowd) in enumerate(columns, start=1)
     ]
     if scores is not None:
         for annotation, score in zip(annotations, scores.tolist(), strict=True):
@@ -361,58 +364,68 @@ def _defined_mean(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else -1.0
 
 
-def _match_class(records: Sequence[ImageRecord], label: int, iou_threshold: float) -> _ClassMatches:
-    """VOC devkit matching for one class over the whole split.
+def _match_classes(records: Sequence[ImageRecord], num_classes: int, iou_threshold: float) -> dict[int, _ClassMatches]:
+    """VOC devkit matching for every class over the whole split: {label: matches}.
 
     Each detection's candidate is the same-image object of its class with the highest IoU;
-    which object that is does not depend on the ranking, so it is found image by image. Going
-    down the global ranking, the first detection to hit a non-difficult object above the
-    threshold is a TP, later hits on it are duplicates (FP), hits on difficult objects are
-    ignored, and misses are FP.
+    which object that is does not depend on the ranking, so it is found image by image (one
+    pass over the images for all classes). Then, per class, going down the global ranking,
+    the first detection to hit a non-difficult object above the threshold is a TP, later hits
+    on it are duplicates (FP), hits on difficult objects are ignored, and misses are FP.
     """
-    scores, best_iou, best_gt = [], [], []
-    difficult = []  # of every object of the class, indexed by global object id
-    num_det = 0
+    labels, scores, best_iou, best_gt = [], [], [], []
+    gt_labels, gt_difficult = [], []  # of every object, indexed by global object id
     gt_offset = 0
     for record in records:
-        det_mask = record.det_labels == label
-        gt_mask = record.gt_labels == label
-        det_boxes = record.det_boxes[det_mask]
-        gt_boxes = record.gt_boxes[gt_mask]
-        num_det += len(det_boxes)
-        if len(det_boxes):
-            scores.append(record.det_scores[det_mask])
-            if len(gt_boxes):
-                iou = _voc_iou(det_boxes, gt_boxes)
-                nearest = iou.argmax(axis=1)  # first of equal maxima, as the devkit's max()
+        num_det, num_gt = len(record.det_boxes), len(record.gt_boxes)
+        if num_det:
+            labels.append(record.det_labels)
+            scores.append(record.det_scores)
+            if num_gt:
+                # IoU with the objects of the detection's own class only; the first of equal
+                # maxima, as the devkit's max() over that class's objects in file order.
+                same = record.det_labels[:, None] == record.gt_labels[None, :]
+                iou = np.where(same, _voc_iou(record.det_boxes, record.gt_boxes), -np.inf)
+                nearest = iou.argmax(axis=1)
                 best_gt.append(nearest + gt_offset)
-                best_iou.append(iou[np.arange(len(det_boxes)), nearest])
+                best_iou.append(iou[np.arange(num_det), nearest])
             else:
-                best_gt.append(np.zeros(len(det_boxes), dtype=np.int64))
-                best_iou.append(np.full(len(det_boxes), -np.inf))
-        difficult.append(record.gt_difficult[gt_mask])
-        gt_offset += len(gt_boxes)
+                best_gt.append(np.zeros(num_det, dtype=np.int64))
+                best_iou.append(np.full(num_det, -np.inf))
+        gt_labels.append(record.gt_labels)
+        gt_difficult.append(record.gt_difficult)
+        gt_offset += num_gt
 
-    gt_difficult = np.concatenate(difficult) if difficult else np.zeros(0, dtype=bool)
-    num_gt = int((~gt_difficult).sum())
-    if num_det == 0:
-        return _ClassMatches(np.zeros(0, dtype=bool), num_gt, 0)
+    def joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
-    # Stable sort: detections with equal scores keep their input order.
-    order = np.argsort(-np.concatenate(scores), kind="stable")
-    best_iou = np.concatenate(best_iou)[order]
-    best_gt = np.concatenate(best_gt)[order]
+    labels, scores = joined(labels, np.int64), joined(scores, np.float64)
+    best_iou, best_gt = joined(best_iou, np.float64), joined(best_gt, np.int64)
+    gt_labels, gt_difficult = joined(gt_labels, np.int64), joined(gt_difficult, bool)
 
-    hit = best_iou > iou_threshold  # strictly greater, as the devkit's ovmax > ovthresh
-    on_difficult = np.zeros_like(hit)
-    on_difficult[hit] = gt_difficult[best_gt[hit]]
-    candidate = hit & ~on_difficult
-    is_tp = np.zeros_like(hit)
-    # np.unique's return_index gives the first position of each object id: its best-ranked hit.
-    _, first = np.unique(np.where(candidate, best_gt, -1), return_index=True)
-    is_tp[first] = True
-    is_tp &= candidate
-    return _ClassMatches(is_tp[~on_difficult], num_gt, num_det)
+    matches = {}
+    for label in range(1, num_classes + 1):
+        num_gt = int(((gt_labels == label) & ~gt_difficult).sum())
+        mine = labels == label
+        num_det = int(mine.sum())
+        if num_det == 0:
+            matches[label] = _ClassMatches(np.zeros(0, dtype=bool), num_gt, 0)
+            continue
+        # Stable sort: detections with equal scores keep their input order.
+        order = np.argsort(-scores[mine], kind="stable")
+        class_iou = best_iou[mine][order]
+        class_gt = best_gt[mine][order]
+        hit = class_iou > iou_threshold  # strictly greater, as the devkit's ovmax > ovthresh
+        on_difficult = np.zeros_like(hit)
+        on_difficult[hit] = gt_difficult[class_gt[hit]]
+        candidate = hit & ~on_difficult
+        is_tp = np.zeros_like(hit)
+        # np.unique's return_index gives the first position of each object id: its best-ranked hit.
+        _, first = np.unique(np.where(candidate, class_gt, -1), return_index=True)
+        is_tp[first] = True
+        is_tp &= candidate
+        matches[label] = _ClassMatches(is_tp[~on_difficult], num_gt, num_det)
+    return matches
 
 
 def _mean_defined(values: Sequence[float]) -> float:
