@@ -57,10 +57,10 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     if address is None:
         kwargs["num_cpus"] = (os.cpu_count() or 1) + DATA_CPUS
         # Ray Train's preemption watcher (an actor process) listens for a cloud node's
-        # drain notice, which a local Ray on this machine never gets. Every Ray worker
-        # process wakes 100 times a second, and on a machine with no spare core each wake-up
-        # preempts a training thread (benchmarks/RESULTS.md). Read by the controller, which
-        # inherits this process's environment.
+        # drain notice, which a local Ray on this machine never gets: one process fewer to
+        # start, and to wake 100 times a second as every Ray worker process does (no
+        # measurable speed-up by itself: benchmarks/RESULTS.md). Read by the controller,
+        # which inherits this process's environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     else:
         kwargs["address"] = address

@@ -59,8 +59,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(int(threads))
     if dist.is_initialized() and dist.get_world_size() == 1:
         # Ray Train starts a process group even for one worker, which has no one to talk
-        # to; gloo's TCP loop thread would still wake 100 times a second, and every
-        # wake-up on a busy core preempts one of the training threads.
+        # to; gloo's TCP loop thread would still wake 100 times a second, taking a core
+        # from a training thread each time.
         dist.destroy_process_group()
 
     state = None
