@@ -291,27 +291,25 @@ class DetectionEvaluator:
         for 5,000 images x 100 detections. A class's AP is the mean of its slice of the
         precision array, exactly what a re-run restricted to that class would summarize.
         """
-        has_labels = any(len(r.det_labels) or len(r.gt_labels) for r in self._records)
-        if not has_labels:
+        records = self._records
+        gt_labels = _joined([r.gt_labels for r in records], np.int64)
+        det_labels = _joined([r.det_labels for r in records], np.int64)
+        if not (gt_labels.size or det_labels.size):
             # Nothing to evaluate (and COCOeval chokes on zero categories).
             return dict.fromkeys(COCO_KEYS, -1.0), {}
         # Imported here: it is heavy, and only compute() needs it.
         from faster_coco_eval import COCO, COCOeval_faster
 
-        labels = sorted(
-            set(np.concatenate([np.concatenate((r.det_labels, r.gt_labels)) for r in self._records]).tolist())
-        )
-        categories = [{"id": label, "name": str(label)} for label in labels]
-        images = [{"id": i} for i in range(len(self._records))]
-        records = self._records
+        categories = [{"id": label, "name": str(label)} for label in np.union1d(det_labels, gt_labels).tolist()]
+        images = [{"id": i} for i in range(len(records))]
         gt_annotations = _coco_annotations(
             np.repeat(np.arange(len(records)), [len(r.gt_boxes) for r in records]),
-            np.concatenate([r.gt_boxes for r in records]), np.concatenate([r.gt_labels for r in records]),
+            np.concatenate([r.gt_boxes for r in records]), gt_labels,
             iscrowd=np.concatenate([r.gt_difficult for r in records]),
         )
         det_annotations = _coco_annotations(
             np.repeat(np.arange(len(records)), [len(r.det_boxes) for r in records]),
-            np.concatenate([r.det_boxes for r in records]), np.concatenate([r.det_labels for r in records]),
+            np.concatenate([r.det_boxes for r in records]), det_labels,
             scores=np.concatenate([r.det_scores for r in records]),
         )
         ground_truth, detections = COCO(), COCO()
@@ -358,6 +356,11 @@ def _coco_annotations(
     return annotations
 
 
+def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """``parts`` concatenated; an empty array of ``dtype`` when there are none."""
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
 def _defined_mean(values: np.ndarray) -> float:
     """pycocotools' summary of a precision slice: the mean of its defined (> -1) entries, else -1."""
     defined = values[values > -1]
@@ -396,12 +399,9 @@ def _match_classes(records: Sequence[ImageRecord], num_classes: int, iou_thresho
         gt_difficult.append(record.gt_difficult)
         gt_offset += num_gt
 
-    def joined(parts: list[np.ndarray], dtype) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-    labels, scores = joined(labels, np.int64), joined(scores, np.float64)
-    best_iou, best_gt = joined(best_iou, np.float64), joined(best_gt, np.int64)
-    gt_labels, gt_difficult = joined(gt_labels, np.int64), joined(gt_difficult, bool)
+    labels, scores = _joined(labels, np.int64), _joined(scores, np.float64)
+    best_iou, best_gt = _joined(best_iou, np.float64), _joined(best_gt, np.int64)
+    gt_labels, gt_difficult = _joined(gt_labels, np.int64), _joined(gt_difficult, bool)
 
     matches = {}
     for label in range(1, num_classes + 1):
