@@ -131,3 +131,86 @@ def test_box_head_size_gives_a_fresh_head_that_survives_in_the_inference_model()
     v2 = OmegaConf.structured(ModelConfig(name="fasterrcnn_resnet50_fpn_v2", box_head_size=64))
     with pytest.raises(ConfigError, match="fasterrcnn_resnet50_fpn_v2's box head has convolutions"):
         weight_files(v2)  # the driver's first check, before Ray starts
+
+
+def _pooler_inputs(channels_last: bool):
+    """Two feature levels of 3 images and boxes that reach every rule of RoIAlign: the whole
+    image, a corner, sub-pixel boxes, boxes past the right and bottom edges, none at all."""
+    gen = torch.Generator().manual_seed(0)
+    features = {
+        "0": torch.randn(3, 6, 16, 20, generator=gen),
+        "1": torch.randn(3, 6, 8, 10, generator=gen),
+        "pool": torch.randn(3, 6, 4, 5, generator=gen),  # not in the pooler's featmap_names
+    }
+    if channels_last:
+        features = {k: v.to(memory_format=torch.channels_last) for k, v in features.items()}
+    for value in features.values():
+        value.requires_grad_()
+    corners = torch.rand(40, 2, generator=gen) * torch.tensor([160.0, 128.0])
+    sizes = torch.rand(40, 2, generator=gen) * 120 + 0.2
+    random = torch.cat([corners, corners + sizes], 1)  # some end past the image (160 x 128)
+    edges = torch.tensor([[0, 0, 160, 128], [159.6, 127.5, 160, 128], [10, 10, 10.3, 10.1], [0, 0, 1, 1]])
+    boxes = [torch.cat([edges, random[:20]]), torch.zeros(0, 4), random[20:]]
+    return features, boxes, [(128, 160)] * 3
+
+
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_detexp_roialign_pools_and_backpropagates_as_torchvision_does(sampling_ratio, channels_last):
+    from torchvision.ops import MultiScaleRoIAlign as TorchvisionPooler
+
+    from detexp.roi_align import MultiScaleRoIAlign
+
+    features, boxes, shapes = _pooler_inputs(channels_last)
+    # canonical_scale 64 sends the larger boxes to the second level, so both levels are read
+    poolers = [cls(["0", "1"], 7, sampling_ratio, canonical_scale=64) for cls in (TorchvisionPooler, MultiScaleRoIAlign)]
+    out, grads = [], []
+    for pooler in poolers:
+        pooled = pooler(features, boxes, shapes)
+        out.append(pooled)
+        loss = (pooled * torch.linspace(-1, 1, pooled.numel()).view_as(pooled)).sum()
+        grads.append(torch.autograd.grad(loss, [features["0"], features["1"]]))
+    assert out[0].shape == out[1].shape == (44, 6, 7, 7)
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+    for theirs, ours in zip(*grads, strict=True):
+        assert theirs.abs().sum() > 0  # both levels pooled
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_detexp_roialign_leaves_the_adaptive_sampling_ratio_to_torchvision():
+    from torchvision.ops import MultiScaleRoIAlign as TorchvisionPooler
+
+    from detexp.roi_align import MultiScaleRoIAlign
+
+    features, boxes, shapes = _pooler_inputs(channels_last=False)
+    pooled = [cls(["0", "1"], 7, 0)(features, boxes, shapes) for cls in (TorchvisionPooler, MultiScaleRoIAlign)]
+    assert torch.equal(*pooled)
+
+
+def test_a_training_step_has_torchvisions_losses_and_gradients():
+    """The detector build_detector makes (detexp's RoIAlign) against the same weights with
+    torchvision's pooler: one training step on the same images gives the same losses and
+    the same gradient for the backbone."""
+    from torchvision.ops import MultiScaleRoIAlign as TorchvisionPooler
+
+    model = build_detector(_cfg(box_batch_size_per_image=32), num_classes=3)
+    assert type(model.roi_heads.box_roi_pool).__module__ == "detexp.roi_align"
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 120, 100, generator=gen), torch.rand(3, 90, 128, generator=gen)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 5.0, 98.0, 40.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[0.0, 0.0, 127.0, 89.0]]), "labels": torch.tensor([2])},
+    ]
+    results = []
+    for pooler in (model.roi_heads.box_roi_pool, TorchvisionPooler(["0", "1", "2", "3"], 7, 2)):
+        model.roi_heads.box_roi_pool = pooler
+        model.zero_grad()
+        torch.manual_seed(0)  # the same RoI sampling
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        grad = model.backbone.body["0"][0].weight.grad.clone()
+        results.append(({k: v.detach() for k, v in losses.items()}, grad))
+    (ours, our_grad), (theirs, their_grad) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-3, atol=1e-5)
