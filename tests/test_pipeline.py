@@ -80,12 +80,30 @@ def test_ray_datasource_reads_rows_and_reports_broken_ones(ray_cluster, tmp_path
     assert [(p.image_id, p.file, p.severity) for p in problems] == [("003", "Annotations/003.xml", "error")]
 
 
-def test_annotation_read_tasks_do_not_import_torch():
-    """A read task unpickles detexp.data.annotations on a fresh Ray worker; importing torch
-    there would add seconds to the start of every run."""
-    code = "import sys, detexp.data.annotations; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_what_rays_control_actors_unpickle_does_not_import_torch(ray_cluster, tmp_path):
+    """Ray Train's controller unpickles the report callback and the dataset split, its
+    DatasetManager and SplitCoordinators the datasets' plans (read tasks, decode_batch),
+    each in a fresh process and before the first step: a torch import there costs every
+    run seconds of start-up on a small machine."""
+    import ray.cloudpickle
+
+    from detexp.controller import ForwardReports, ValidationNotDropped
+
+    _write_voc(tmp_path, "000", size=(40, 32), box=(2, 2, 20, 20))
+    _write_voc(tmp_path, "001", size=(40, 32), box=(2, 2, 20, 20))
+    cfg = compose_train(["dataset=voc", f"dataset.root={tmp_path}", "dataset.classes=[block]", "dataset.val_fraction=0.5"])
+    datasets, _, _ = _load_datasets(cfg, resolve(cfg.dataset))
+    pickled = tmp_path / "controller.pkl"
+    pickled.write_bytes(ray.cloudpickle.dumps(
+        (datasets, ForwardReports(None), ValidationNotDropped(datasets_to_split=["train"]))
+    ))
+    code = (
+        "import pickle, sys, ray; ray.init(address='auto', logging_level='ERROR');"
+        f"datasets, _, _ = pickle.loads(open({str(pickled)!r}, 'rb').read());"
+        "print(sorted(datasets), 'torch' in sys.modules, 'torchvision' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "['train', 'val'] False False", out.stdout + out.stderr
 
 
 def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):

@@ -241,7 +241,7 @@ def test_docs_say_how_to_keep_mlflow_private():
 def test_a_worker_error_is_told_in_one_line():
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from detexp.launch import describe_failure
+    from detexp.controller import describe_failure
 
     try:
         raise ValueError("Key 'foo' not in 'ModelConfig'\n    full_key: model.foo\n    object_type=dict")

@@ -14,11 +14,12 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import DataConfig, UserCallback
+from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from detexp.controller import ForwardReports, ValidationNotDropped
 from detexp.errors import ResourceError
 from detexp.worker import train_loop_per_worker
 
@@ -172,53 +173,6 @@ def share_files(paths: list[Any]) -> dict[str, Any]:
     return {Path(p).name: [ray.put(Path(p).read_bytes())] for p in paths}
 
 
-class _ValidationNotDropped(DataConfig):
-    """Train shards are equal, since DDP needs the same number of steps on every worker;
-    val shards are not, so that no image is dropped from the metrics."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        splits = {k: v for k, v in datasets.items() if k != "val"}
-        output = super().configure(splits, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets:
-            val = datasets["val"]
-            for rank, it in enumerate(val.streaming_split(world_size, equal=False)):
-                output[rank]["val"] = it
-        return output
-
-
-class _Forward(UserCallback):
-    """Runs in the Ray Train controller: hands each epoch's report, and each worker
-    failure, to the driver."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint})
-
-    def after_exception(self, run_context, worker_exceptions):
-        rank, exc = min(worker_exceptions.items(), key=lambda item: item[0])
-        self.queue.put({"failure": {"rank": rank, "error": describe_failure(exc)}})
-
-
-def describe_failure(exc: BaseException, limit: int = 160) -> str:
-    """One line about a worker failure: ``Type: first line`` of an exception raised by our
-    code (Ray Train hands it over wrapped, with its traceback as the text), otherwise the
-    telling line of Ray's message, cut after its first sentence when it runs on."""
-    base = getattr(exc, "_base_exc", None)  # ray.train's UserExceptionWithTraceback
-    if isinstance(base, BaseException):
-        lines = [line.strip() for line in str(base).strip().splitlines() if line.strip()]
-        line = f"{type(base).__name__}: {lines[0]}" if lines else type(base).__name__
-    else:
-        cause = getattr(exc, "cause", None) or exc
-        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-        line = lines[-1] if lines else type(cause).__name__
-    if len(line) > limit:
-        cut = line.find(". ", 20, limit)
-        line = (line[: cut + 1] if cut > 0 else line[: limit - 4]) + " ..."
-    return line
-
-
 def fit(
     train_loop_config: dict[str, Any],
     datasets: dict[str, ray.data.Dataset],
@@ -278,10 +232,10 @@ def fit(
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            callbacks=[_Forward(queue), *callbacks],
+            callbacks=[ForwardReports(queue), *callbacks],
         ),
         datasets=datasets,
-        dataset_config=_ValidationNotDropped(datasets_to_split=["train"]),
+        dataset_config=ValidationNotDropped(datasets_to_split=["train"]),
     )
     thread = threading.Thread(target=pump, name="detexp-progress", daemon=True)
     thread.start()

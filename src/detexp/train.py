@@ -347,7 +347,7 @@ def _explain(exc: BaseException, run_dir: Path, experiment: str) -> BaseExceptio
     """Turn a Ray Train failure into one line that says what happened and what was kept."""
     from ray.train import TrainingFailedError
 
-    from detexp.launch import describe_failure
+    from detexp.controller import describe_failure
 
     if not isinstance(exc, TrainingFailedError):
         return exc

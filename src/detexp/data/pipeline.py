@@ -5,28 +5,39 @@ Rows never hold ragged tensors (ray#31779, #50229): per-image boxes travel as fl
 ``list<float32>`` columns and pixels as raw ``uint8`` bytes plus a shape column, so Ray
 never has to infer a variable-shaped tensor type. The worker turns them back into tensors
 with :func:`batch_to_tensors`.
+
+torch and torchvision are imported inside the functions that use them. Ray unpickles a
+dataset's plan (which names :func:`decode_batch`) in Ray Train's DatasetManager and
+SplitCoordinator actors, by importing this module, and those never decode: a module-level
+torch import cost each of them 4-5 CPU seconds before the first batch (see
+:mod:`detexp.controller`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray.data
-import torch
 from PIL import Image
 from ray.data.expressions import col
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from detexp.data.voc import image_path
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
 
 
 def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Table:
     """``map_batches`` step: read JPEGImages/<id>.jpg, convert to RGB and, for training,
     apply the box-aware augmentation. Output pixels are uint8 CHW bytes; the float
     conversion happens on the worker's device, which keeps the object store 4x smaller."""
+    import torch
+    from torchvision.transforms import v2
+
     flip = v2.RandomHorizontalFlip(p=hflip_prob) if hflip_prob > 0 else None
     images, shapes, boxes_out = [], [], []
     for image_id, flat_boxes in zip(
@@ -50,6 +61,9 @@ def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Tabl
 
 
 def _augment(transform: v2.Transform, pixels: torch.Tensor, boxes: torch.Tensor):
+    import torch
+    from torchvision import tv_tensors
+
     # tv_tensors tell v2 which inputs are boxes, so a flip mirrors the boxes with the pixels.
     image = tv_tensors.Image(pixels)
     bboxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(pixels.shape[-2:]))
@@ -74,6 +88,8 @@ def batch_to_tensors(
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Rebuild the model's inputs from a pipeline batch: float images in [0, 1] on
     ``device`` and torchvision-style targets (boxes, labels, difficult, image_id)."""
+    import torch
+
     if isinstance(batch, pa.Table):
         batch = batch.to_pydict()
     # Page-locked host memory makes the copy to a GPU asynchronous (non_blocking below).

@@ -1,0 +1,62 @@
+"""What runs inside Ray Train's controller process: the dataset split and the callback
+that hands reports and worker failures to the driver.
+
+Ray unpickles these objects in the controller, and their dataset plan in its
+DatasetManager and SplitCoordinator actors, by importing the modules that define them.
+This module, like :mod:`detexp.data.pipeline`, must not import torch at module level: in
+those three processes a torch import cost 4-5 CPU seconds each while nothing else could
+start (2 cores, 2026-11-27), seconds the first training step waited for.
+``tests/test_pipeline.py`` unpickles them in a fresh process and checks that no torch was loaded.
+"""
+
+from __future__ import annotations
+
+from ray.train import DataConfig, UserCallback
+from ray.util.queue import Queue
+
+
+class ValidationNotDropped(DataConfig):
+    """Train shards are equal, since DDP needs the same number of steps on every worker;
+    val shards are not, so that no image is dropped from the metrics."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        splits = {k: v for k, v in datasets.items() if k != "val"}
+        output = super().configure(splits, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"]
+            for rank, it in enumerate(val.streaming_split(world_size, equal=False)):
+                output[rank]["val"] = it
+        return output
+
+
+class ForwardReports(UserCallback):
+    """Runs in the Ray Train controller: hands each epoch's report, and each worker
+    failure, to the driver."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint})
+
+    def after_exception(self, run_context, worker_exceptions):
+        rank, exc = min(worker_exceptions.items(), key=lambda item: item[0])
+        self.queue.put({"failure": {"rank": rank, "error": describe_failure(exc)}})
+
+
+def describe_failure(exc: BaseException, limit: int = 160) -> str:
+    """One line about a worker failure: ``Type: first line`` of an exception raised by our
+    code (Ray Train hands it over wrapped, with its traceback as the text), otherwise the
+    telling line of Ray's message, cut after its first sentence when it runs on."""
+    base = getattr(exc, "_base_exc", None)  # ray.train's UserExceptionWithTraceback
+    if isinstance(base, BaseException):
+        lines = [line.strip() for line in str(base).strip().splitlines() if line.strip()]
+        line = f"{type(base).__name__}: {lines[0]}" if lines else type(base).__name__
+    else:
+        cause = getattr(exc, "cause", None) or exc
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        line = lines[-1] if lines else type(cause).__name__
+    if len(line) > limit:
+        cut = line.find(". ", 20, limit)
+        line = (line[: cut + 1] if cut > 0 else line[: limit - 4]) + " ..."
+    return line
