@@ -214,3 +214,41 @@ def test_a_training_step_has_torchvisions_losses_and_gradients():
     (ours, our_grad), (theirs, their_grad) = results
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(our_grad, their_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_folded_batch_norms_give_the_same_detections():
+    """Inference (validation, eval, predict) folds each BatchNorm into the convolution before
+    it: the folded detector has no BatchNorm left and detects the same boxes and scores."""
+    import copy
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detexp.models import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = build_detector(_cfg(), num_classes=3)
+    model.train()
+    with torch.no_grad():  # running statistics that are not the initial 0 and 1
+        for _ in range(3):
+            model.backbone(torch.rand(2, 3, 128, 128) * 2)
+    model.eval()
+    folded = fold_batch_norms(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 40  # the copy only
+    images = [torch.rand(3, 120, 100), torch.rand(3, 90, 128)]
+    with torch.no_grad():
+        theirs, ours = model(images), folded(images)
+    for a, b in zip(theirs, ours, strict=True):
+        assert len(a["boxes"]) > 0
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
+    # pretrained backbones have FrozenBatchNorm2d: folded the same way
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4))
+    frozen[1].running_mean.uniform_(-1, 1)
+    frozen[1].running_var.uniform_(0.5, 2)
+    frozen[1].weight.uniform_(0.5, 2)
+    x = torch.rand(1, 3, 8, 8)
+    expected = frozen(x)
+    fold_batch_norms(frozen)
+    assert isinstance(frozen[1], torch.nn.Identity)
+    torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from detexp.models import build_inference_model, load_weights
+from detexp.models import build_inference_model, fold_batch_norms, load_weights
 from detexp.reports import prediction_table
 
 log = logging.getLogger("detexp")
@@ -76,7 +76,7 @@ class Predictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = build_inference_model(model_cfg, len(self.classes) + 1)
         load_weights(self.model, state)
-        self.model.to(self.device).eval()
+        fold_batch_norms(self.model.to(self.device).eval())
         if self.device.type == "cpu":  # oneDNN's convolutions are faster on NHWC (trainer.channels_last)
             self.model.to(memory_format=torch.channels_last)
         self.min_score = min_score

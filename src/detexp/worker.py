@@ -9,6 +9,7 @@ are several workers, validates every epoch, and reports once per epoch with a ch
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from detexp.engine import (
     train_one_epoch,
 )
 from detexp.metrics import DetectionEvaluator
-from detexp.models import build_detector
+from detexp.models import build_detector, fold_batch_norms
 from detexp.optim import build_optimizer, build_scheduler, build_warmup
 from detexp.reports import prediction_table
 
@@ -330,7 +331,8 @@ def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa
     ids drawn; None when ``shown`` is None), which the best epoch's checkpoint keeps for
     the report at the end."""
     evaluator = DetectionEvaluator(classes)
-    net = unwrap(model)
+    # a copy with its BatchNorms folded into the convolutions: the same detections, sooner
+    net = fold_batch_norms(copy.deepcopy(unwrap(model)).eval())
     rows = []
     for table in tables:
         images, targets = batch_to_tensors(table, device)
