@@ -25,3 +25,21 @@ def test_impossible_request_fails_fast_saying_what_was_asked(ray_cluster, smoke_
     assert time.perf_counter() - started < 60
     for word in words:
         assert word in str(info.value)
+
+
+def test_a_local_rays_workers_get_the_malloc_settings(ray_cluster):
+    """The processes of a Ray that detexp starts keep freed memory for the next step instead
+    of faulting it in again (detexp.launch.MALLOC_ENV); what the worker process itself was
+    started with is what counts, since glibc reads it once."""
+    from detexp.launch import MALLOC_ENV
+
+    @ray_cluster.remote(num_cpus=0)
+    def started_with() -> dict[str, str]:
+        import os
+        from pathlib import Path
+
+        environ = Path(f"/proc/{os.getpid()}/environ").read_bytes().split(b"\0")
+        pairs = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        return {key: pairs.get(key) for key in MALLOC_ENV}
+
+    assert ray_cluster.get(started_with.remote()) == MALLOC_ENV
