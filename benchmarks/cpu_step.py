@@ -1,5 +1,5 @@
 """CPU cost of one training step of the default detector, by image size, sampled RoIs,
-RoIAlign sampling and memory format.
+RoIAlign sampling and implementation, and memory format.
 
 The default recipe (conf/model/mobilenet_320_cpu.yaml) trains from scratch on 2 CPU
 cores, so its step cost decides how much it can learn in the 6-minute budget. This
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from _common import load_batches  # benchmarks/, first on sys.path when run as a script
 from omegaconf import OmegaConf
+from torchvision.ops import MultiScaleRoIAlign
 
 from detexp.config import ModelConfig
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
@@ -32,22 +33,23 @@ from detexp.engine import train_one_epoch
 from detexp.models import build_detector
 
 # (label, min/max size, box_batch_size_per_image, rpn top-n while training, RoIAlign
-# sampling ratio, channels-last weights)
+# sampling ratio, channels-last weights, torchvision's own RoIAlign instead of detexp's)
 VARIANTS = [
-    ("torchvision's settings, 320 px", 320, 512, 2000, 2, False),
-    ("128 RoIs, 192 px (the previous default)", 192, 128, 500, 2, False),
-    ("64 RoIs, 320 px", 320, 64, 500, 2, False),
-    ("32 RoIs, 320 px", 320, 32, 500, 2, False),
-    ("32 RoIs, 320 px, RoIAlign sampling 1", 320, 32, 500, 1, False),
-    ("32 RoIs, 320 px, sampling 1, channels-last", 320, 32, 500, 1, True),
-    ("32 RoIs, 320 px, channels-last (the default)", 320, 32, 500, 2, True),
-    ("sampling 1, channels-last, 256 px", 256, 32, 500, 1, True),
+    ("torchvision's settings, 320 px", 320, 512, 2000, 2, False, True),
+    ("128 RoIs, 192 px (the previous default)", 192, 128, 500, 2, False, True),
+    ("64 RoIs, 320 px", 320, 64, 500, 2, False, True),
+    ("32 RoIs, 320 px", 320, 32, 500, 2, False, True),
+    ("32 RoIs, 320 px, RoIAlign sampling 1", 320, 32, 500, 1, False, True),
+    ("32 RoIs, 320 px, sampling 1, channels-last", 320, 32, 500, 1, True, True),
+    ("32 RoIs, 320 px, channels-last", 320, 32, 500, 2, True, True),
+    ("the same, detexp's RoIAlign (the default)", 320, 32, 500, 2, True, False),
+    ("sampling 1, channels-last, 256 px", 256, 32, 500, 1, True, True),
 ]
 
 
 def step_seconds(
-    size: int, rois: int, proposals: int, sampling: int, channels_last: bool, batches, steps: int,
-    profile: bool = False,
+    size: int, rois: int, proposals: int, sampling: int, channels_last: bool, torchvision_pool: bool, batches,
+    steps: int, profile: bool = False,
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps of :func:`detexp.engine.train_one_epoch`
     (the trainer's own step), after one untimed warm-up step."""
@@ -58,6 +60,8 @@ def step_seconds(
     cfg.roi_sampling_ratio = sampling
     torch.manual_seed(0)
     model = build_detector(cfg, len(SHAPES_CLASSES) + 1)
+    if torchvision_pool:  # its CPU kernel, as detexp used until detexp.roi_align
+        model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, sampling)
     if channels_last:  # trainer.channels_last
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
