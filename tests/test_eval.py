@@ -282,7 +282,7 @@ def test_command_line_error_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_trained_model_agrees_with_pycocotools(ray_cluster, shapes_cache, tmp_path):
-    """The default recipe (`python -m detexp train`, about 9 minutes on 2 cores) learns the
+    """The default recipe (`python -m detexp train`, about 7 minutes on 2 cores) learns the
     shapes to the README's promise; eval of its model agrees with pycocotools where the APs
     are far from 0."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
