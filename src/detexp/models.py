@@ -130,8 +130,8 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
     }
     if cfg.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
-    # The builders' own pooler (FasterRCNN's default, sampling ratio 2), with a CPU path
-    # about 10x faster than torchvision's CPU kernel and the same results (detexp.roi_align).
+    # FasterRCNN's default pooler (model.roi_sampling_ratio; 2 is the builders' own), with a
+    # CPU path about 10x faster than torchvision's CPU kernel, same results (detexp.roi_align).
     kwargs["box_roi_pool"] = MultiScaleRoIAlign(
         featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=cfg.roi_sampling_ratio
     )
