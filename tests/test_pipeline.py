@@ -57,6 +57,22 @@ def test_flipped_box_still_covers_its_flipped_object(tmp_path, flip):
         assert _mean_inside(image, torch.tensor([11.0, 21, 40, 60])) < 0.1  # the old place is dark
 
 
+def test_the_flip_is_torchvisions(tmp_path):
+    """decode_batch flips in numpy (no torch in decode tasks); the result is what
+    torchvision v2's RandomHorizontalFlip gives for the same image and boxes."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    _write_voc(tmp_path, "a", box=(3, 5, 77, 60), size=(81, 64))
+    table = _read_annotations(str(tmp_path), ["a"], ("block",))
+    (image,), (target,) = batch_to_tensors(decode_batch(table, str(tmp_path)))
+    (flipped,), (flipped_target,) = batch_to_tensors(decode_batch(table, str(tmp_path), hflip_prob=1.0))
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(64, 81))
+    want_image, want_boxes = v2.RandomHorizontalFlip(p=1.0)(tv_tensors.Image(image), boxes)
+    assert torch.equal(flipped, want_image.as_subclass(torch.Tensor))
+    assert torch.equal(flipped_target["boxes"], want_boxes.as_subclass(torch.Tensor))
+
+
 def test_image_is_read_by_id_not_by_the_xml_filename(tmp_path):
     # third-party exports often carry a <filename> that does not exist
     _write_voc(tmp_path, "0007", filename="IMG_1234 (copy).PNG")
@@ -80,11 +96,12 @@ def test_ray_datasource_reads_rows_and_reports_broken_ones(ray_cluster, tmp_path
     assert [(p.image_id, p.file, p.severity) for p in problems] == [("003", "Annotations/003.xml", "error")]
 
 
-def test_what_rays_control_actors_unpickle_does_not_import_torch(ray_cluster, tmp_path):
+def test_what_rays_control_actors_and_decode_tasks_run_does_not_import_torch(ray_cluster, tmp_path):
     """Ray Train's controller unpickles the report callback and the dataset split, its
     DatasetManager and SplitCoordinators the datasets' plans (read tasks, decode_batch),
-    each in a fresh process and before the first step: a torch import there costs every
-    run seconds of start-up on a small machine."""
+    and Ray Data's tasks decode (with the training flip), each in a fresh process and
+    before the first step: a torch import there costs every run seconds of start-up on a
+    small machine."""
     import ray.cloudpickle
 
     from detexp.controller import ForwardReports, ValidationNotDropped
@@ -100,6 +117,8 @@ def test_what_rays_control_actors_unpickle_does_not_import_torch(ray_cluster, tm
     code = (
         "import pickle, sys, ray; ray.init(address='auto', logging_level='ERROR');"
         f"datasets, _, _ = pickle.loads(open({str(pickled)!r}, 'rb').read());"
+        "from detexp.data.annotations import _read_annotations; from detexp.data.pipeline import decode_batch;"
+        f"decode_batch(_read_annotations({str(tmp_path)!r}, ['000', '001'], ('block',)), {str(tmp_path)!r}, 1.0);"
         "print(sorted(datasets), 'torch' in sys.modules, 'torchvision' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

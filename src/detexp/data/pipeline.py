@@ -6,11 +6,11 @@ Rows never hold ragged tensors (ray#31779, #50229): per-image boxes travel as fl
 never has to infer a variable-shaped tensor type. The worker turns them back into tensors
 with :func:`batch_to_tensors`.
 
-torch and torchvision are imported inside the functions that use them. Ray unpickles a
-dataset's plan (which names :func:`decode_batch`) in Ray Train's DatasetManager and
-SplitCoordinator actors, by importing this module, and those never decode: a module-level
-torch import cost each of them 4-5 CPU seconds before the first batch (see
-:mod:`detexp.controller`).
+Nothing that runs in Ray Data imports torch: Ray unpickles a dataset's plan (which names
+:func:`decode_batch`) in Ray Train's DatasetManager and SplitCoordinator actors, by
+importing this module, and the decode tasks run :func:`decode_batch` itself. A torch import
+cost each of those processes 4-6 CPU seconds before the first batch (see
+:mod:`detexp.controller`); only :func:`batch_to_tensors`, on the worker, imports it.
 """
 
 from __future__ import annotations
@@ -28,28 +28,30 @@ from detexp.data.voc import image_path
 
 if TYPE_CHECKING:
     import torch
-    from torchvision.transforms import v2
 
 
 def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Table:
     """``map_batches`` step: read JPEGImages/<id>.jpg, convert to RGB and, for training,
-    apply the box-aware augmentation. Output pixels are uint8 CHW bytes; the float
-    conversion happens on the worker's device, which keeps the object store 4x smaller."""
-    import torch
-    from torchvision.transforms import v2
+    flip each image with its boxes with probability ``hflip_prob``. Output pixels are uint8
+    CHW bytes; the float conversion happens on the worker's device, which keeps the object
+    store 4x smaller.
 
-    flip = v2.RandomHorizontalFlip(p=hflip_prob) if hflip_prob > 0 else None
+    Only PIL and numpy: the flip is torchvision v2's ``RandomHorizontalFlip`` rule for XYXY
+    boxes (x -> width - x, tests/test_pipeline.py checks it against v2), written in numpy
+    because importing torchvision costs each decode process about 6 CPU seconds (it imports
+    ``torch._dynamo``), on the way to a run's first batch."""
+    rng = np.random.default_rng() if hflip_prob > 0 else None
     images, shapes, boxes_out = [], [], []
     for image_id, flat_boxes in zip(
         batch.column("image_id").to_pylist(), batch.column("boxes").to_pylist(), strict=True
     ):
         with Image.open(image_path(Path(root), image_id)) as img:
-            pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-        boxes = torch.tensor(flat_boxes, dtype=torch.float32).reshape(-1, 4)
-        if flip is not None:
-            pixels, boxes = _augment(flip, pixels, boxes)
-        pixels = pixels.contiguous()
-        images.append(pixels.numpy().tobytes())
+            pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # HWC -> CHW
+        boxes = np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4)
+        if rng is not None and rng.random() < hflip_prob:
+            pixels = pixels[:, :, ::-1]
+            boxes = np.stack([pixels.shape[2] - boxes[:, 2], boxes[:, 1], pixels.shape[2] - boxes[:, 0], boxes[:, 3]], 1)
+        images.append(np.ascontiguousarray(pixels).tobytes())
         shapes.append(list(pixels.shape))
         boxes_out.append(boxes.reshape(-1).tolist())
     return (
@@ -58,17 +60,6 @@ def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Tabl
         .append_column("image", pa.array(images, type=pa.binary()))
         .append_column("image_shape", pa.array(shapes, type=pa.list_(pa.int32())))
     )
-
-
-def _augment(transform: v2.Transform, pixels: torch.Tensor, boxes: torch.Tensor):
-    import torch
-    from torchvision import tv_tensors
-
-    # tv_tensors tell v2 which inputs are boxes, so a flip mirrors the boxes with the pixels.
-    image = tv_tensors.Image(pixels)
-    bboxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(pixels.shape[-2:]))
-    image, bboxes = transform(image, bboxes)
-    return image.as_subclass(torch.Tensor), bboxes.as_subclass(torch.Tensor)
 
 
 def decode_images(
