@@ -76,6 +76,7 @@ def test_impossible_values_name_the_key(override, key):
         check_train_config(cfg)
 
 
+@pytest.mark.no_mlflow_store
 def test_command_line_typo_fails_in_seconds_without_traceback(tmp_path):
     started = time.perf_counter()
     out = subprocess.run(

@@ -238,6 +238,7 @@ def test_a_fine_tuned_model_is_rebuilt_exactly_without_its_pretrained_weights():
     assert torch.equal(expected["boxes"], got["boxes"]) and torch.equal(expected["scores"], got["scores"])
 
 
+@pytest.mark.no_mlflow_store
 def test_checkpoint_errors_are_one_line_before_ray(tmp_path):
     good = random_checkpoint(tmp_path / "run" / "model_final.pt")
     (tmp_path / "empty").mkdir()

@@ -95,6 +95,7 @@ def test_folder_of_five_images_gives_five_annotated_images(ray_cluster, checkpoi
         assert 0 <= xmin <= xmax <= 96 * 1.2 and 0 <= ymin <= ymax <= 96 * 1.2
 
 
+@pytest.mark.no_mlflow_store
 def test_input_errors_are_one_line_before_ray(checkpoint, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "readme.md").write_text("no images here")

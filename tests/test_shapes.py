@@ -137,19 +137,21 @@ def _assert_tight(pixels, box, colour, image_id) -> None:
 
 
 def test_ensure_shapes_generates_once_and_reuses(tmp_path):
+    cache = tmp_path / "cache"
     params = dict(num_train=4, num_val=2, image_size=64, seed=1)
-    first = ensure_shapes(tmp_path, **params)
+    first = ensure_shapes(cache, **params)
     marker = first / "marker"
     marker.write_text("kept")
-    second = ensure_shapes(tmp_path, **params)
+    second = ensure_shapes(cache, **params)
     assert second == first and marker.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp folders left over
-    assert ensure_shapes(tmp_path, **{**params, "seed": 2}) != first
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no temp folders left over
+    assert ensure_shapes(cache, **{**params, "seed": 2}) != first
     assert len(read_split_ids(first, "trainval")) == 6
 
 
 def test_ensure_shapes_tolerates_losing_a_race(tmp_path, monkeypatch):
     """If another process renames its copy into place first, ours is discarded."""
+    cache = tmp_path / "cache"
     import detexp.data.shapes as shapes
 
     params = dict(num_train=2, num_val=1, image_size=64, seed=0)
@@ -157,12 +159,12 @@ def test_ensure_shapes_tolerates_losing_a_race(tmp_path, monkeypatch):
 
     def generate_then_competitor_wins(root, *args):
         real_generate(root, *args)
-        real_generate(tmp_path / shapes.shapes_dirname(*args), *args)
+        real_generate(cache / shapes.shapes_dirname(*args), *args)
         return root
 
     monkeypatch.setattr(shapes, "generate_shapes", generate_then_competitor_wins)
-    result = ensure_shapes(tmp_path, **params)
-    assert result.is_dir() and len(list(tmp_path.iterdir())) == 1
+    result = ensure_shapes(cache, **params)
+    assert result.is_dir() and len(list(cache.iterdir())) == 1
 
 
 def test_bad_parameters_are_refused(tmp_path):

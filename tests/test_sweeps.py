@@ -23,6 +23,7 @@ from detexp.tune import max_concurrent_trials, tune, write_best_config
 # -- best epoch and patience ---------------------------------------------------------------------
 
 
+@pytest.mark.no_mlflow_store
 @pytest.mark.parametrize(
     ("override", "words"),
     [
@@ -47,6 +48,7 @@ def _tune_cfg(tmp_path, shapes_cache, *overrides):
     )
 
 
+@pytest.mark.no_mlflow_store
 @pytest.mark.parametrize(
     ("override", "words"),
     [
