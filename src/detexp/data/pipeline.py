@@ -49,8 +49,9 @@ def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Tabl
             pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # HWC -> CHW
         boxes = np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4)
         if rng is not None and rng.random() < hflip_prob:
+            width = pixels.shape[2]
             pixels = pixels[:, :, ::-1]
-            boxes = np.stack([pixels.shape[2] - boxes[:, 2], boxes[:, 1], pixels.shape[2] - boxes[:, 0], boxes[:, 3]], 1)
+            boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
         images.append(np.ascontiguousarray(pixels).tobytes())
         shapes.append(list(pixels.shape))
         boxes_out.append(boxes.reshape(-1).tolist())
