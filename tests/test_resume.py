@@ -24,22 +24,25 @@ EPOCHS = 2
 LR, GAMMA = 0.02, 0.1  # smoke: lr 0.02, MultiStepLR x0.1 from epoch index 1
 
 
-def _command(tmp_path: Path, shapes_cache: Path, *extra: str) -> list[str]:
+def _overrides(tmp_path: Path, shapes_cache: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "detexp", "train", "+experiment=smoke",
+        "+experiment=smoke",
         # 24 steps an epoch: epoch 2 must outlast Ray Train's 2 s poll of the workers, or its
         # checkpoint is registered together with epoch 1's and the kill comes too late.
         f"dataset.cache_dir={shapes_cache}", "dataset.synth.num_train=96", "dataset.synth.num_val=8",
         "dataset.val_split=null",  # about resuming training: validation would only cost time
-        f"schedule.epochs={EPOCHS}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        "hydra.run.dir=run", *extra,
+        f"schedule.epochs={EPOCHS}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra,
     ]
 
 
+def _command(tmp_path: Path, shapes_cache: Path) -> list[str]:
+    """The training command that is killed; its run directory is ``tmp_path/run``."""
+    return [sys.executable, "-m", "detexp", "train", *_overrides(tmp_path, shapes_cache), "hydra.run.dir=run"]
+
+
 def _config(tmp_path: Path, shapes_cache: Path, *extra: str):
-    """The command's config, composed as the command line composes it."""
-    overrides = _command(tmp_path, shapes_cache, *extra)[4:]
-    return compose_train([o for o in overrides if not o.startswith("hydra.")])
+    """The same run's config, composed as the command line composes it."""
+    return compose_train(_overrides(tmp_path, shapes_cache, *extra))
 
 
 def _env() -> dict[str, str]:
