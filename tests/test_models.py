@@ -93,6 +93,76 @@ def test_weights_in_the_cache_are_found_and_missing_ones_are_named(monkeypatch, 
     assert f"put it at {expected}" in message and coco.url in message
 
 
+def test_anchors_replace_the_builders_and_survive_in_the_inference_model():
+    """model.anchor_sizes / anchor_ratios: a MobileNet builder puts every size on each of its
+    3 maps; the RPN keeps its shared convolution and gets outputs for 3 anchors a location.
+    Proposals still come out, and eval/predict rebuild the same architecture."""
+    from detexp.models import build_inference_model
+
+    default = build_detector(_cfg(), num_classes=3)
+    assert default.rpn.anchor_generator.num_anchors_per_location() == [15, 15, 15]  # 5 sizes x 3 ratios
+    cfg = _cfg(anchor_sizes=[32, 64, 128], anchor_ratios=[1.0])
+    model = build_detector(cfg, num_classes=3)
+    assert model.rpn.anchor_generator.sizes == ((32, 64, 128),) * 3
+    assert model.rpn.anchor_generator.aspect_ratios == ((1.0,),) * 3
+    assert (model.rpn.head.cls_logits.out_channels, model.rpn.head.bbox_pred.out_channels) == (3, 12)
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 100, 120)])[0]
+    assert set(out) == {"boxes", "labels", "scores"}
+    build_inference_model(cfg, 3).load_state_dict(model.state_dict())
+    # ResNet-50 FPN: one size per level, so five sizes.
+    r50 = OmegaConf.structured(ModelConfig(name="fasterrcnn_resnet50_fpn", min_size=64, max_size=64, anchor_sizes=[16, 32, 64, 128, 256]))
+    assert build_detector(r50, num_classes=3).rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    with pytest.raises(ConfigError, match=r"model.anchor_sizes=\[16, 32\]: fasterrcnn_resnet50_fpn has one anchor size per FPN level, so it needs 5"):
+        weight_files(OmegaConf.merge(r50, {"anchor_sizes": [16, 32]}))
+    with pytest.raises(ConfigError, match=r"model.anchor_ratios=\[\] must be a non-empty list of positive numbers"):
+        build_detector(_cfg(anchor_ratios=[]), num_classes=3)
+
+
+def test_returned_layers_give_the_fpn_a_stride_16_map_and_keep_the_backbone_weights(monkeypatch, tmp_path):
+    """model.returned_layers=[3, 4]: the builder's FPN reads two stride-32 maps (10 x 10 at
+    320 px); stages 3 and 4 give 20 x 20 and 10 x 10. The backbone's (cached ImageNet)
+    weights, frozen norms and frozen stages are the builder's, the anchors get one level per
+    map, and eval/predict rebuild the same model."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detexp.models import build_inference_model
+
+    net = mobilenet_v3_large()
+    _cache(monkeypatch, tmp_path, MobileNet_V3_Large_Weights.IMAGENET1K_V1, net.state_dict())
+    images = torch.rand(1, 3, 320, 320)
+    default = build_detector(_cfg(), num_classes=3)
+    assert [tuple(f.shape[-2:]) for f in default.backbone(images).values()] == [(10, 10), (10, 10), (5, 5)]
+    pretrained = {"weights_backbone": "IMAGENET1K_V1", "trainable_backbone_layers": 2}
+    cfg = _cfg(returned_layers=[3, 4], **pretrained)
+    model = build_detector(cfg, num_classes=3)
+    assert [tuple(f.shape[-2:]) for f in model.backbone(images).values()] == [(20, 20), (10, 10), (5, 5)]
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [15, 15, 15]
+    ours, theirs = dict(model.backbone.body.named_parameters()), dict(build_detector(_cfg(**pretrained), 3).backbone.body.named_parameters())
+    assert ours and set(ours) < set(theirs)  # the blocks after stage 4 are gone
+    for name, parameter in ours.items():
+        assert torch.equal(parameter, theirs[name]) and parameter.requires_grad == theirs[name].requires_grad, name
+    assert torch.equal(ours["0.0.weight"], net.features[0][0].weight)
+    assert not ours["0.0.weight"].requires_grad and ours["13.block.0.0.weight"].requires_grad
+    assert isinstance(model.backbone.body["0"][1], FrozenBatchNorm2d)
+    model.eval()
+    with torch.no_grad():
+        assert set(model([torch.rand(3, 100, 120)])[0]) == {"boxes", "labels", "scores"}
+    build_inference_model(cfg, 3).load_state_dict(model.state_dict())
+    for layers in ([4, 3], [], [3, 6]):
+        with pytest.raises(ConfigError, match=r"must be distinct stages in increasing order, each 0 to 5"):
+            weight_files(_cfg(returned_layers=layers))
+    r50 = OmegaConf.structured(ModelConfig(name="fasterrcnn_resnet50_fpn", returned_layers=[3, 4]))
+    with pytest.raises(ConfigError, match=r"model.returned_layers=\[3, 4\]: only for the MobileNet builders"):
+        weight_files(r50)
+
+def test_box_positive_fraction_reaches_the_roi_sampler():
+    assert build_detector(_cfg(), num_classes=3).roi_heads.fg_bg_sampler.positive_fraction == 0.25  # torchvision's
+    assert build_detector(_cfg(box_positive_fraction=0.5), num_classes=3).roi_heads.fg_bg_sampler.positive_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"model.box_positive_fraction=0.0 must be above 0 and at most 1"):
+        weight_files(_cfg(box_positive_fraction=0.0))
+
 def test_roi_sampling_ratio_reaches_roialign_and_survives_in_the_inference_model(tmp_path):
     from detexp.models import build_inference_model
 

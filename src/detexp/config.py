@@ -73,6 +73,19 @@ class ModelConfig:
     # Features of the box head's two fully connected layers (torchvision: 1024; null = the
     # builder's). Another size gives a freshly initialised head, also over loaded weights.
     box_head_size: int | None = None
+    # Largest fraction of the sampled RoIs that may be objects (torchvision: 0.25). With few
+    # objects an image and few RoIs sampled, more positives teach the box head faster.
+    box_positive_fraction: float = 0.25
+    # MobileNet builders: the backbone stages (0-5) whose outputs the FPN reads, torchvision's
+    # returned_layers (null = the builder's [4, 5]: both at stride 32). [3, 4] reads stride 16
+    # and 32, so small objects cover more feature cells; the FPN then starts from fresh weights.
+    returned_layers: list[int] | None = None
+    # The RPN's anchors, in pixels of the resized image (null = the builder's). The MobileNet
+    # builders put every size on each of their 3 feature maps; the ResNet-50 FPN builders
+    # put one size on each of their 5 levels (give 5). Ratios (height / width) apply on
+    # every level. Other anchors than the builder's give the RPN fresh output layers.
+    anchor_sizes: list[int] | None = None
+    anchor_ratios: list[float] | None = None
 
 
 @dataclass

@@ -43,6 +43,12 @@ BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
 # Builders whose box head is not torchvision's TwoMLPHead (model.box_head_size cannot apply).
 CONV_BOX_HEADS = ("fasterrcnn_resnet50_fpn_v2",)
 
+# Builders whose anchor generator has one size per FPN level (5 levels); the others (the
+# MobileNet ones) put all their sizes on each of their feature maps.
+ONE_ANCHOR_SIZE_PER_LEVEL = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
+RESNET_FPN_LEVELS = 5
+MOBILENET_STAGES = 6  # torchvision's MobileNetV3-Large extractor: stages 0 (stem) to 5 (last conv)
+
 
 def _weight(enum: Any, name: str | None, key: str) -> Any:
     if name is None:
@@ -74,8 +80,98 @@ def check_model_config(cfg: Any) -> None:
             f"model.box_head_size={cfg.box_head_size}: {cfg.name}'s box head has convolutions, "
             "not the two fully connected layers it sizes; leave it null"
         )
+    if not 0.0 < cfg.box_positive_fraction <= 1.0:
+        raise ConfigError(
+            f"model.box_positive_fraction={cfg.box_positive_fraction} must be above 0 and at most 1 "
+            "(the largest share of sampled RoIs that are objects; torchvision: 0.25)"
+        )
+    _check_anchors(cfg)
+    _check_returned_layers(cfg)
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
         raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: no such file")
+
+
+def _check_returned_layers(cfg: Any) -> None:
+    layers = cfg.returned_layers
+    if layers is None:
+        return
+    if cfg.name in ONE_ANCHOR_SIZE_PER_LEVEL:
+        raise ConfigError(
+            f"model.returned_layers={list(layers)}: only for the MobileNet builders ({cfg.name} "
+            "already reads strides 4 to 32); leave it null"
+        )
+    if len(layers) == 0 or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < MOBILENET_STAGES:
+        raise ConfigError(
+            f"model.returned_layers={list(layers)} must be distinct stages in increasing order, "
+            f"each 0 to {MOBILENET_STAGES - 1} (the builder's: [4, 5])"
+        )
+
+
+def _set_returned_layers(model: tvd.FasterRCNN, cfg: Any) -> None:
+    """A MobileNet backbone whose FPN reads ``model.returned_layers``: the builder's backbone
+    weights (and which of them train) are kept, the FPN is fresh, and the anchor generator
+    gets one level per feature map."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if cfg.returned_layers is None:
+        return
+    body = model.backbone.body
+    frozen_norms = any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    backbone = mobilenet_backbone(
+        backbone_name="mobilenet_v3_large", weights=None, fpn=True,
+        norm_layer=FrozenBatchNorm2d if frozen_norms else torch.nn.BatchNorm2d,
+        trainable_layers=MOBILENET_STAGES, returned_layers=list(cfg.returned_layers),
+    )
+    # The new body is the builder's blocks up to the last returned stage.
+    backbone.body.load_state_dict({k: v for k, v in body.state_dict().items() if k in backbone.body.state_dict()})
+    trains = dict(body.named_parameters())
+    for name, parameter in backbone.body.named_parameters():
+        parameter.requires_grad_(trains[name].requires_grad)
+    model.backbone = backbone
+    old = model.rpn.anchor_generator
+    levels = len(cfg.returned_layers) + 1  # and the FPN's max-pooled level
+    model.rpn.anchor_generator = AnchorGenerator((old.sizes[0],) * levels, (old.aspect_ratios[0],) * levels)
+
+
+def _check_anchors(cfg: Any) -> None:
+    for key, values in (("model.anchor_sizes", cfg.anchor_sizes), ("model.anchor_ratios", cfg.anchor_ratios)):
+        if values is not None and (len(values) == 0 or min(values) <= 0):
+            raise ConfigError(f"{key}={list(values)} must be a non-empty list of positive numbers, or null (the builder's)")
+    sizes = cfg.anchor_sizes
+    if sizes is not None and cfg.name in ONE_ANCHOR_SIZE_PER_LEVEL and len(sizes) != RESNET_FPN_LEVELS:
+        raise ConfigError(
+            f"model.anchor_sizes={list(sizes)}: {cfg.name} has one anchor size per FPN level, "
+            f"so it needs {RESNET_FPN_LEVELS} sizes, smallest first (the builder's: [32, 64, 128, 256, 512])"
+        )
+
+
+def _set_anchors(model: tvd.FasterRCNN, cfg: Any) -> None:
+    """model.anchor_sizes / model.anchor_ratios in place of the builder's anchors; the RPN
+    head keeps its shared convolution and gets fresh output layers when the number of
+    anchors per location changes."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RPNHead
+
+    if cfg.anchor_sizes is None and cfg.anchor_ratios is None:
+        return
+    old = model.rpn.anchor_generator
+    levels = len(old.sizes)
+    if cfg.anchor_sizes is None:
+        sizes = old.sizes
+    elif cfg.name in ONE_ANCHOR_SIZE_PER_LEVEL:
+        sizes = tuple((int(size),) for size in cfg.anchor_sizes)
+    else:
+        sizes = (tuple(int(size) for size in cfg.anchor_sizes),) * levels
+    ratios = old.aspect_ratios if cfg.anchor_ratios is None else (tuple(float(r) for r in cfg.anchor_ratios),) * levels
+    model.rpn.anchor_generator = AnchorGenerator(sizes, ratios)
+    per_location = model.rpn.anchor_generator.num_anchors_per_location()[0]
+    head = model.rpn.head
+    if per_location != head.cls_logits.out_channels:
+        fresh = RPNHead(head.cls_logits.in_channels, per_location)
+        fresh.conv = head.conv
+        model.rpn.head = fresh
 
 
 def weight_files(cfg: Any) -> list[Path]:
@@ -127,6 +223,7 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
         "box_batch_size_per_image": cfg.box_batch_size_per_image,
         "rpn_pre_nms_top_n_train": cfg.rpn_pre_nms_top_n_train,
         "rpn_post_nms_top_n_train": cfg.rpn_post_nms_top_n_train,
+        "box_positive_fraction": cfg.box_positive_fraction,
     }
     if cfg.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
@@ -143,6 +240,8 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
     if cfg.box_head_size is not None:
         _resize_box_head(model, cfg, num_classes)
+    _set_returned_layers(model, cfg)
+    _set_anchors(model, cfg)
     if cfg.checkpoint is not None:
         model.load_state_dict(load_model_state(cfg.checkpoint, num_classes))
     return model
