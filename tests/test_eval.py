@@ -283,12 +283,12 @@ def test_command_line_error_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_trained_model_agrees_with_pycocotools(ray_cluster, shapes_cache, tmp_path):
-    """The default recipe (`python -m detexp train`, about 7 minutes on 2 cores) learns the
+    """The default recipe (`python -m detexp train`, about 5 minutes on 2 cores) learns the
     shapes to the README's promise; eval of its model agrees with pycocotools where the APs
     are far from 0."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trained = train(compose_train([f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}"]), tmp_path / "train")
-    assert trained["val/map_50"] >= 0.5, trained  # measured 0.585, 0.696 and 0.727 in three runs
+    assert trained["val/map_50"] >= 0.6, trained  # the issue's goal; measured 0.906, 0.920 and 0.921 in three runs
     overrides = [f"checkpoint={tmp_path / 'train'}", f"tracking.uri={uri}"]
     evaluate(compose_train(overrides, config_name="eval"), tmp_path / "eval", overrides)
 
