@@ -260,9 +260,17 @@ def test_detexp_roialign_leaves_the_adaptive_sampling_ratio_to_torchvision():
 def test_a_training_step_has_torchvisions_losses_and_gradients():
     """The detector build_detector makes (detexp's RoIAlign) against the same weights with
     torchvision's pooler: one training step on the same images gives the same losses and
-    the same gradient for the backbone."""
+    the same gradient for the backbone.
+
+    The weights are seeded, so the result does not depend on the tests that ran before. The
+    two poolers differ by float rounding, and for about 1 initialisation in 100 something
+    after the pooler amplifies that (most likely a box-head unit at its ReLU's kink): the
+    backbone's gradient then differs by up to 1%. That happened for 2 of 200 seeds
+    (2026-11-28). For both, the pooled values agreed to 2e-6, and the feature maps'
+    gradients through the pooler agreed to 2e-5."""
     from torchvision.ops import MultiScaleRoIAlign as TorchvisionPooler
 
+    torch.manual_seed(0)
     model = build_detector(_cfg(box_batch_size_per_image=32), num_classes=3)
     assert type(model.roi_heads.box_roi_pool).__module__ == "detexp.roi_align"
     model.train()
