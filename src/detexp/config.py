@@ -81,7 +81,7 @@ class ModelConfig:
     # and 32, so small objects cover more feature cells; the FPN then starts from fresh weights.
     returned_layers: list[int] | None = None
     # The RPN's anchors, in pixels of the resized image (null = the builder's). The MobileNet
-    # builders put every size on each of their 3 feature maps; the ResNet-50 FPN builders
+    # builders put every size on each of their feature maps; the ResNet-50 FPN builders
     # put one size on each of their 5 levels (give 5). Ratios (height / width) apply on
     # every level. Other anchors than the builder's give the RPN fresh output layers.
     anchor_sizes: list[int] | None = None
