@@ -288,7 +288,7 @@ def test_a_trained_model_agrees_with_pycocotools(ray_cluster, shapes_cache, tmp_
     are far from 0."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trained = train(compose_train([f"dataset.cache_dir={shapes_cache}", f"tracking.uri={uri}"]), tmp_path / "train")
-    assert trained["val/map_50"] >= 0.6, trained  # the issue's goal; measured 0.906, 0.920 and 0.921 in three runs
+    assert trained["val/map_50"] >= 0.6, trained  # the issue's goal; measured 0.906-0.941 in four default runs
     overrides = [f"checkpoint={tmp_path / 'train'}", f"tracking.uri={uri}"]
     evaluate(compose_train(overrides, config_name="eval"), tmp_path / "eval", overrides)
 
