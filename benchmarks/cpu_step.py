@@ -27,14 +27,16 @@ from _common import load_batches  # benchmarks/, first on sys.path when run as a
 from omegaconf import OmegaConf
 from torchvision.ops import MultiScaleRoIAlign
 
+import detexp
 from detexp.config import ModelConfig
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.engine import train_one_epoch
 from detexp.models import build_detector
 
-# The default's fit to the shapes (conf/model/mobilenet_320_cpu.yaml): anchors, RoI
+# The default's fit to the shapes, read from conf/model/mobilenet_320_cpu.yaml: anchors, RoI
 # sampling, and an FPN that reads stride 16 and 32.
-FIT = {"anchor_sizes": [32, 64, 128], "anchor_ratios": [1.0], "box_positive_fraction": 0.5, "returned_layers": [3, 4]}
+_DEFAULT_MODEL = OmegaConf.load(Path(detexp.__file__).parent / "conf" / "model" / "mobilenet_320_cpu.yaml")
+FIT = {key: _DEFAULT_MODEL[key] for key in ("anchor_sizes", "anchor_ratios", "box_positive_fraction", "returned_layers")}
 
 # (label, min/max size, box_batch_size_per_image, rpn top-n while training, RoIAlign
 # sampling ratio, channels-last weights, torchvision's own RoIAlign instead of detexp's,

@@ -157,11 +157,13 @@ def test_returned_layers_give_the_fpn_a_stride_16_map_and_keep_the_backbone_weig
     with pytest.raises(ConfigError, match=r"model.returned_layers=\[3, 4\]: only for the MobileNet builders"):
         weight_files(r50)
 
+
 def test_box_positive_fraction_reaches_the_roi_sampler():
     assert build_detector(_cfg(), num_classes=3).roi_heads.fg_bg_sampler.positive_fraction == 0.25  # torchvision's
     assert build_detector(_cfg(box_positive_fraction=0.5), num_classes=3).roi_heads.fg_bg_sampler.positive_fraction == 0.5
     with pytest.raises(ConfigError, match=r"model.box_positive_fraction=0.0 must be above 0 and at most 1"):
         weight_files(_cfg(box_positive_fraction=0.0))
+
 
 def test_roi_sampling_ratio_reaches_roialign_and_survives_in_the_inference_model(tmp_path):
     from detexp.models import build_inference_model

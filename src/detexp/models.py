@@ -43,9 +43,10 @@ BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
 # Builders whose box head is not torchvision's TwoMLPHead (model.box_head_size cannot apply).
 CONV_BOX_HEADS = ("fasterrcnn_resnet50_fpn_v2",)
 
-# Builders whose anchor generator has one size per FPN level (5 levels); the others (the
-# MobileNet ones) put all their sizes on each of their feature maps.
-ONE_ANCHOR_SIZE_PER_LEVEL = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
+# The ResNet-50 FPN builders: their FPN reads strides 4 to 32 and their anchor generator
+# has one size per level (5 levels). The others (the MobileNet ones) put all their anchor
+# sizes on each of their feature maps.
+RESNET_FPN_BUILDERS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
 RESNET_FPN_LEVELS = 5
 MOBILENET_STAGES = 6  # torchvision's MobileNetV3-Large extractor: stages 0 (stem) to 5 (last conv)
 
@@ -95,7 +96,7 @@ def _check_returned_layers(cfg: Any) -> None:
     layers = cfg.returned_layers
     if layers is None:
         return
-    if cfg.name in ONE_ANCHOR_SIZE_PER_LEVEL:
+    if cfg.name in RESNET_FPN_BUILDERS:
         raise ConfigError(
             f"model.returned_layers={list(layers)}: only for the MobileNet builders ({cfg.name} "
             "already reads strides 4 to 32); leave it null"
@@ -109,9 +110,8 @@ def _check_returned_layers(cfg: Any) -> None:
 
 def _set_returned_layers(model: tvd.FasterRCNN, cfg: Any) -> None:
     """A MobileNet backbone whose FPN reads ``model.returned_layers``: the builder's backbone
-    weights (and which of them train) are kept, the FPN is fresh, and the anchor generator
-    gets one level per feature map."""
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    weights (and which of them train) are kept, and the FPN is fresh (``_set_anchors`` gives
+    the anchor generator one level per feature map)."""
     from torchvision.models.detection.backbone_utils import mobilenet_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -125,14 +125,12 @@ def _set_returned_layers(model: tvd.FasterRCNN, cfg: Any) -> None:
         trainable_layers=MOBILENET_STAGES, returned_layers=list(cfg.returned_layers),
     )
     # The new body is the builder's blocks up to the last returned stage.
-    backbone.body.load_state_dict({k: v for k, v in body.state_dict().items() if k in backbone.body.state_dict()})
+    wanted = backbone.body.state_dict().keys()
+    backbone.body.load_state_dict({k: v for k, v in body.state_dict().items() if k in wanted})
     trains = dict(body.named_parameters())
     for name, parameter in backbone.body.named_parameters():
         parameter.requires_grad_(trains[name].requires_grad)
     model.backbone = backbone
-    old = model.rpn.anchor_generator
-    levels = len(cfg.returned_layers) + 1  # and the FPN's max-pooled level
-    model.rpn.anchor_generator = AnchorGenerator((old.sizes[0],) * levels, (old.aspect_ratios[0],) * levels)
 
 
 def _check_anchors(cfg: Any) -> None:
@@ -140,7 +138,7 @@ def _check_anchors(cfg: Any) -> None:
         if values is not None and (len(values) == 0 or min(values) <= 0):
             raise ConfigError(f"{key}={list(values)} must be a non-empty list of positive numbers, or null (the builder's)")
     sizes = cfg.anchor_sizes
-    if sizes is not None and cfg.name in ONE_ANCHOR_SIZE_PER_LEVEL and len(sizes) != RESNET_FPN_LEVELS:
+    if sizes is not None and cfg.name in RESNET_FPN_BUILDERS and len(sizes) != RESNET_FPN_LEVELS:
         raise ConfigError(
             f"model.anchor_sizes={list(sizes)}: {cfg.name} has one anchor size per FPN level, "
             f"so it needs {RESNET_FPN_LEVELS} sizes, smallest first (the builder's: [32, 64, 128, 256, 512])"
@@ -148,23 +146,23 @@ def _check_anchors(cfg: Any) -> None:
 
 
 def _set_anchors(model: tvd.FasterRCNN, cfg: Any) -> None:
-    """model.anchor_sizes / model.anchor_ratios in place of the builder's anchors; the RPN
-    head keeps its shared convolution and gets fresh output layers when the number of
-    anchors per location changes."""
+    """An anchor generator with one level per feature map (``model.returned_layers`` and the
+    FPN's max-pooled level, else the builder's levels) and ``model.anchor_sizes`` /
+    ``model.anchor_ratios`` where given, else the builder's. The RPN head keeps its shared
+    convolution and gets fresh output layers when the number of anchors per location changes."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.rpn import RPNHead
 
-    if cfg.anchor_sizes is None and cfg.anchor_ratios is None:
+    if cfg.anchor_sizes is None and cfg.anchor_ratios is None and cfg.returned_layers is None:
         return
     old = model.rpn.anchor_generator
-    levels = len(old.sizes)
-    if cfg.anchor_sizes is None:
-        sizes = old.sizes
-    elif cfg.name in ONE_ANCHOR_SIZE_PER_LEVEL:
-        sizes = tuple((int(size),) for size in cfg.anchor_sizes)
-    else:
-        sizes = (tuple(int(size) for size in cfg.anchor_sizes),) * levels
-    ratios = old.aspect_ratios if cfg.anchor_ratios is None else (tuple(float(r) for r in cfg.anchor_ratios),) * levels
+    levels = len(old.sizes) if cfg.returned_layers is None else len(cfg.returned_layers) + 1
+    if cfg.name in RESNET_FPN_BUILDERS:  # one size per level (returned_layers is refused)
+        sizes = old.sizes if cfg.anchor_sizes is None else tuple((int(size),) for size in cfg.anchor_sizes)
+    else:  # every size on every level
+        sizes = (old.sizes[0] if cfg.anchor_sizes is None else tuple(int(size) for size in cfg.anchor_sizes),) * levels
+    # every builder has the same ratios on every level
+    ratios = (old.aspect_ratios[0] if cfg.anchor_ratios is None else tuple(float(r) for r in cfg.anchor_ratios),) * levels
     model.rpn.anchor_generator = AnchorGenerator(sizes, ratios)
     per_location = model.rpn.anchor_generator.num_anchors_per_location()[0]
     head = model.rpn.head
