@@ -30,8 +30,8 @@ from torchvision.ops import MultiScaleRoIAlign
 import detexp
 from detexp.config import ModelConfig
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
-from detexp.engine import train_one_epoch
-from detexp.models import build_detector
+from detexp.engine.loops import train_one_epoch
+from detexp.modeling.detector import build_detector
 
 # The default's fit to the shapes, read from conf/model/mobilenet_320_cpu.yaml: anchors, RoI
 # sampling, and an FPN that reads stride 16 and 32.
@@ -59,7 +59,7 @@ def step_seconds(
     size: int, rois: int, proposals: int, sampling: int, channels_last: bool, torchvision_pool: bool,
     extra: dict, batches, steps: int, profile: bool = False,
 ) -> list[float]:
-    """Seconds of each of ``steps`` training steps of :func:`detexp.engine.train_one_epoch`
+    """Seconds of each of ``steps`` training steps of :func:`detexp.engine.loops.train_one_epoch`
     (the trainer's own step), after one untimed warm-up step."""
     cfg = OmegaConf.structured(ModelConfig)
     cfg.min_size = cfg.max_size = size
@@ -69,7 +69,7 @@ def step_seconds(
     cfg = OmegaConf.merge(cfg, extra)
     torch.manual_seed(0)
     model = build_detector(cfg, len(SHAPES_CLASSES) + 1)
-    if torchvision_pool:  # its CPU kernel, as detexp used until detexp.roi_align
+    if torchvision_pool:  # its CPU kernel, as detexp used until detexp.modeling.roi_align
         model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, sampling)
     if channels_last:  # trainer.channels_last
         model = model.to(memory_format=torch.channels_last)

@@ -1,7 +1,7 @@
 """Driver memory of ``detexp eval`` over many images: does it stay flat?
 
 Generates N small shapes images (``detexp.data.shapes.generate_shapes``) and a random-init
-small detector saved as a detexp checkpoint, runs the real ``detexp.evaluate.evaluate``
+small detector saved as a detexp checkpoint, runs the real ``detexp.commands.evaluate.evaluate``
 command function on them, and samples the driver's resident memory (RSS) every 0.2 s and
 at every progress line. A random-init model is the worst case for the records the driver
 keeps: torchvision's cap of 100 detections on every image.
@@ -62,9 +62,9 @@ class _ProgressHandler(logging.Handler):
 
 
 def write_checkpoint(path: Path, root: Path, classes: list[str], image_size: int) -> None:
-    from detexp.checkpoints import CHECKPOINT_FORMAT
+    from detexp.checkpoint.files import CHECKPOINT_FORMAT
     from detexp.config import TrainConfig
-    from detexp.models import build_detector
+    from detexp.modeling.detector import build_detector
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.dataset.name, cfg.dataset.root, cfg.dataset.classes = "voc", str(root), classes
@@ -91,9 +91,10 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     import detexp
-    from detexp import evaluate as ev
+    from detexp.commands import evaluate as ev
     from detexp.config import register_configs
     from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
+    from detexp.distributed import batch_inference
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms  %(message)s")
     for name in ("mlflow", "alembic"):
@@ -117,7 +118,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(Path(detexp.__file__).parent / "conf"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=overrides)
 
-    ev.PROGRESS_EVERY_S = 2.0  # progress lines (and RSS samples at them) every 2 s
+    batch_inference.PROGRESS_EVERY_S = 2.0  # progress lines (and RSS samples at them) every 2 s
     sampler = Sampler()
     logging.getLogger("detexp").addHandler(_ProgressHandler(sampler))
     before_start = rss_mib()

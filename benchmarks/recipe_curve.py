@@ -31,10 +31,10 @@ from _common import compose  # benchmarks/, first on sys.path when run as a scri
 from detexp.data.annotations import _read_annotations
 from detexp.data.pipeline import batch_to_tensors, decode_batch
 from detexp.data.shapes import SHAPES_CLASSES, ensure_shapes
-from detexp.engine import predict, train_one_epoch
-from detexp.metrics import DetectionEvaluator
-from detexp.models import build_detector
-from detexp.optim import build_optimizer, build_scheduler, build_warmup
+from detexp.engine.loops import predict_batch, train_one_epoch
+from detexp.engine.solver import build_optimizer, build_scheduler, build_warmup
+from detexp.evaluation.metrics import DetectionEvaluator
+from detexp.modeling.detector import build_detector
 
 NUM_TRAIN, NUM_VAL = 400, 100
 
@@ -70,7 +70,7 @@ def main(overrides: list[str]) -> list[float]:
             scheduler.step()
             evaluator = DetectionEvaluator(classes)
             for i in range(0, NUM_VAL, batch):
-                evaluator.update(predict(model, val_images[i : i + batch]), val_targets[i : i + batch])
+                evaluator.update(predict_batch(model, val_images[i : i + batch]), val_targets[i : i + batch])
             metrics = evaluator.compute()
             curve.append(round(metrics["map_50"], 3))
             print(

@@ -12,7 +12,7 @@ the command, quick or not, the sizes used). The JSON is rewritten after every
 measurement, so an interrupted run keeps what it measured.
 
 Every measurement is one function below whose docstring says exactly what it measures.
-The in-process ones share one local Ray (``detexp.launch.init_ray``, as ``detexp train``
+The in-process ones share one local Ray (``detexp.distributed.cluster.init_ray``, as ``detexp train``
 starts it), shut down before the end-to-end run, which starts its own. All files go into
 one temporary folder, removed at the end (``--keep`` keeps it).
 
@@ -107,7 +107,7 @@ class Bench:
         """One local Ray for every in-process measurement, started as ``detexp train`` does."""
         import ray
 
-        from detexp.launch import init_ray
+        from detexp.distributed.cluster import init_ray
 
         if not ray.is_initialized():
             started = time.perf_counter()
@@ -142,7 +142,7 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
     """``train_overhead_ratio``: training images/s of detexp's Ray Train worker loop ÷ a bare
     torch loop doing the same steps.
 
-    Ray side: ``detexp.train.train`` in-process on generated shapes (``train_steps`` x 8
+    Ray side: ``detexp.commands.train.train`` in-process on generated shapes (``train_steps`` x 8
     images at the default 192 px, no val split), default model ``mobilenet_320_cpu``, batch
     8, 1 worker with ``scaling.cpus_per_worker=2``, ``train_epochs`` epochs, no end report,
     no system metrics. Its value is the LAST epoch's ``train/images / train/epoch_s`` (the
@@ -162,15 +162,15 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
     In full mode the bare loop is timed before and after the Ray run and averaged."""
     import torch
 
+    from detexp.commands.train import train
     from detexp.data.annotations import _read_annotations
     from detexp.data.pipeline import batch_to_tensors, decode_batch
     from detexp.data.source import dataset_root
     from detexp.data.voc import read_split_ids
-    from detexp.engine import train_one_epoch
-    from detexp.models import build_detector
-    from detexp.optim import build_optimizer
-    from detexp.train import train
-    from detexp.worker import group_by_orientation
+    from detexp.distributed.worker_loop import group_by_orientation
+    from detexp.engine.loops import train_one_epoch
+    from detexp.engine.solver import build_optimizer
+    from detexp.modeling.detector import build_detector
 
     s = b.sizes
     images = s.train_steps * BATCH
@@ -396,7 +396,7 @@ def measure_map(b: Bench) -> tuple[Values, Details]:
     import numpy as np
     import torch
 
-    from detexp.metrics import DetectionEvaluator
+    from detexp.evaluation.metrics import DetectionEvaluator
 
     started = time.perf_counter()
     import faster_coco_eval  # noqa: F401
@@ -449,7 +449,7 @@ def measure_map(b: Bench) -> tuple[Values, Details]:
 def measure_memory_growth(b: Bench) -> tuple[Values, Details]:
     """``memory_growth_ratio``: peak RSS summed over this process and all its descendants
     (the local Ray's GCS, raylet and every ``ray::`` worker: see ``_common.tree_rss_bytes``),
-    sampled every 0.2 s during a 1-epoch ``detexp.train.train`` over 4x the images ÷ the
+    sampled every 0.2 s during a 1-epoch ``detexp.commands.train.train`` over 4x the images ÷ the
     same over 1x.
 
     Runs: generated shapes, ``memory_train_images`` (1x) and 4x that many train images,
@@ -460,8 +460,8 @@ def measure_memory_growth(b: Bench) -> tuple[Values, Details]:
     processes that the 4x run finds idle (their RSS is in both peaks). ``details`` also has
     each run's RSS before it started, the peak of the summed PSS (shared pages counted
     once: sampled every 1 s) and its ratio, and the per-process RSS at each peak."""
+    from detexp.commands.train import train
     from detexp.data.source import dataset_root
-    from detexp.train import train
 
     s = b.sizes
     b.ensure_ray()

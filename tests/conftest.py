@@ -23,7 +23,7 @@ CONF_DIR = str(Path(detexp.__file__).parent / "conf")
 def ray_cluster():
     """A real local Ray, started once: 2 cores + 1 logical CPU for the data pipeline,
     like ``detexp train`` starts it."""
-    from detexp.launch import init_ray
+    from detexp.distributed.cluster import init_ray
 
     if not ray.is_initialized():
         init_ray(None)
@@ -48,7 +48,7 @@ def trained_smoke(ray_cluster, shapes_cache, tmp_path_factory) -> SimpleNamespac
     """ONE smoke training run (about a minute) with its own SQLite store, shared by
     test_eval and test_ui: ``root``, ``uri``, ``cfg``, ``result`` (what ``train`` returned)
     and ``first_epoch`` (the first epoch's checkpoint)."""
-    from detexp.train import train
+    from detexp.commands.train import train
 
     root = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{root}/mlflow.db"

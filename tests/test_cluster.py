@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from conftest import compose_train
+from detexp.commands.train import train
+from detexp.commands.tune import tune
 from detexp.errors import ResourceError
-from detexp.train import train
-from detexp.tune import tune
 
 pytestmark = pytest.mark.slow
 

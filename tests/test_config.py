@@ -13,9 +13,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_train
+from detexp.commands.train import check_train_config
+from detexp.commands.tune import check_tune_config
 from detexp.errors import ConfigError
-from detexp.train import check_train_config
-from detexp.tune import check_tune_config
 
 EXPERIMENTS_DIR = Path(__file__).parents[1] / "experiments"
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
@@ -104,7 +104,7 @@ def test_impossible_scaling_values_are_refused(override, words):
 
 
 def test_voc_tutorial_scales_its_lr_to_the_global_batch():
-    from detexp.optim import scaled_lr
+    from detexp.engine.solver import scaled_lr
 
     cfg = compose_train(["+experiment=voc_tutorial", "scaling.num_workers=2"])
     assert cfg.model.weights_backbone == "IMAGENET1K_V1"  # as the tutorial's builder call

@@ -23,11 +23,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import compose_train
+from detexp.commands.train import train
 from detexp.data.parsing import parse_record
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.data.voc import VOCRecord
 from detexp.errors import DetexpError
-from detexp.train import train
 
 CLASSES = list(SHAPES_CLASSES)
 CLASSES_ARG = "dataset.classes=[" + ",".join(CLASSES) + "]"

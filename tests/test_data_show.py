@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from conftest import compose_train
+from detexp.commands.data_show import data_show
 from detexp.data.parsing import check_dataset, parse_record
 from detexp.data.problems import class_names_summary
 from detexp.data.shapes import SHAPES_CLASSES
 from detexp.data.show import pick_grid_images
 from detexp.data.source import resolve
-from detexp.datashow import data_show
 from detexp.errors import DetexpError
 from test_data_check import error_rows, run_cli
 from test_third_party import RENAME, _export
@@ -209,7 +209,7 @@ def test_data_check_and_show_give_the_summary_before_any_table(tmp_path):
 
 
 def test_train_error_policy_puts_the_summary_before_the_table(tmp_path, caplog):
-    from detexp.train import _apply_error_policy
+    from detexp.commands.train import _apply_error_policy
 
     root = _export(tmp_path)
     overrides = ["dataset=voc", f"dataset.root={root}",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detexp.diagnostics import (
+from detexp.evaluation.diagnostics import (
     ALL_CLASSES,
     THRESHOLDS,
     DetectionDiagnostics,
@@ -209,7 +209,7 @@ def test_files_hold_the_numbers_and_the_plots_are_images(diagnostics, tmp_path):
 
 
 def test_worst_images_gallery_reads_the_dataset_images(diagnostics, tmp_path):
-    from detexp.evaluate import _write_worst_images
+    from detexp.commands.evaluate import _write_worst_images
 
     (tmp_path / "JPEGImages").mkdir()
     for image_id in "abc":

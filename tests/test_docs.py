@@ -288,13 +288,14 @@ def compose_as_cli(config_name: str, overrides: list[str], config_dir: str | Non
 
 def run_cheap_or_compose(command: DocCommand, ws: Workspace, help_outputs: HelpRuns) -> str:
     """Run ``command`` for real when that is cheap, else compose and check it. Returns which."""
-    from detexp.checkpoints import prepare_inference
-    from detexp.data.commands import data_check, data_synth
+    from detexp.checkpoint.effective_config import prepare_inference
+    from detexp.commands.data_check import data_check
+    from detexp.commands.data_show import data_show
+    from detexp.commands.data_synth import data_synth
+    from detexp.commands.predict import list_images
+    from detexp.commands.train import check_train_config
+    from detexp.commands.tune import check_tune_config
     from detexp.data.source import resolve
-    from detexp.datashow import data_show
-    from detexp.predict import list_images
-    from detexp.train import check_train_config
-    from detexp.tune import check_tune_config
 
     argv = ws.resolve(command.argv)
     words, rest = split_command(tuple(argv))
@@ -338,7 +339,7 @@ def register_checkpoint(ws: Workspace) -> None:
     """Version 1 of ``shapes``, laid out as ``train tracking.register_model=shapes`` lays it
     out (the detexp checkpoint in ``model/extra_files/``; eval and predict read only that),
     without the pickled model, which costs seconds to write and is tested elsewhere."""
-    from detexp.tracking import MODEL_ARTIFACT, Tracker
+    from detexp.tracking.mlflow_runs import MODEL_ARTIFACT, Tracker
     from test_predict import random_checkpoint
 
     files = ws.store.parent / "registered"
@@ -386,8 +387,8 @@ def made_once(tmp_path_factory, shapes_cache) -> Workspace:
     """What every page's directory gets, made once: a train run directory (a random-init
     checkpoint), a tune directory (its best_config.yaml), photos/, and an MLflow store in
     which ``shapes`` version 1 is registered."""
+    from detexp.commands.tune import write_best_config
     from detexp.config import TrainConfig
-    from detexp.tune import write_best_config
     from test_predict import random_checkpoint
 
     root = tmp_path_factory.mktemp("docs-made")

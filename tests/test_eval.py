@@ -21,15 +21,16 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import compose_train
-from detexp.checkpoints import CheckpointInfo, effective_config
+from detexp.checkpoint.effective_config import effective_config
+from detexp.checkpoint.files import CheckpointInfo
+from detexp.commands.evaluate import evaluate
+from detexp.commands.train import train
 from detexp.config import ModelConfig
 from detexp.data.parsing import parse_record
 from detexp.data.source import dataset_root
 from detexp.data.voc import read_split_ids
 from detexp.errors import ConfigError
-from detexp.evaluate import evaluate
-from detexp.metrics import DetectionEvaluator
-from detexp.train import train
+from detexp.evaluation.metrics import DetectionEvaluator
 from test_predict import random_checkpoint
 
 METRIC_KEYS = {
@@ -215,7 +216,7 @@ def test_a_fine_tuned_model_is_rebuilt_exactly_without_its_pretrained_weights():
     checkpoint strictly, with the same outputs."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from detexp.models import build_detector, build_inference_model
+    from detexp.modeling.detector import build_detector, build_inference_model
 
     cfg = OmegaConf.structured(ModelConfig)
     cfg.min_size = cfg.max_size = 128
@@ -260,7 +261,7 @@ def test_checkpoint_errors_are_one_line_before_ray(tmp_path):
 
 
 def test_ray_noise_is_kept_off_the_console(tmp_path, capfd):
-    from detexp.inference import ray_noise_to
+    from detexp.distributed.batch_inference import ray_noise_to
 
     with ray_noise_to(tmp_path / "ray.log"):
         os.write(2, b"[E core_worker.cc:2465] Actor with class name: 'MapWorker' has constructor "

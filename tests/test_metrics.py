@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from detexp.metrics import DetectionEvaluator, voc_ap
+from detexp.evaluation.metrics import DetectionEvaluator, voc_ap
 
 CLASSES = ("cat", "dog", "bird")
 

@@ -12,7 +12,8 @@ from torchvision.models import detection as tvd
 
 from detexp.config import ModelConfig
 from detexp.errors import ConfigError
-from detexp.models import BUILDERS, build_detector, load_model_state, weight_files
+from detexp.modeling.detector import BUILDERS, build_detector, weight_files
+from detexp.modeling.weights import load_model_state
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -97,7 +98,7 @@ def test_anchors_replace_the_builders_and_survive_in_the_inference_model():
     """model.anchor_sizes / anchor_ratios: a MobileNet builder puts every size on each of its
     3 maps; the RPN keeps its shared convolution and gets outputs for 3 anchors a location.
     Proposals still come out, and eval/predict rebuild the same architecture."""
-    from detexp.models import build_inference_model
+    from detexp.modeling.detector import build_inference_model
 
     default = build_detector(_cfg(), num_classes=3)
     assert default.rpn.anchor_generator.num_anchors_per_location() == [15, 15, 15]  # 5 sizes x 3 ratios
@@ -127,7 +128,7 @@ def test_returned_layers_give_the_fpn_a_stride_16_map_and_keep_the_backbone_weig
     map, and eval/predict rebuild the same model."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from detexp.models import build_inference_model
+    from detexp.modeling.detector import build_inference_model
 
     net = mobilenet_v3_large()
     _cache(monkeypatch, tmp_path, MobileNet_V3_Large_Weights.IMAGENET1K_V1, net.state_dict())
@@ -166,7 +167,7 @@ def test_box_positive_fraction_reaches_the_roi_sampler():
 
 
 def test_roi_sampling_ratio_reaches_roialign_and_survives_in_the_inference_model(tmp_path):
-    from detexp.models import build_inference_model
+    from detexp.modeling.detector import build_inference_model
 
     default = build_detector(_cfg(), num_classes=3)
     assert default.roi_heads.box_roi_pool.sampling_ratio == 2  # torchvision's own
@@ -185,7 +186,7 @@ def test_roi_sampling_ratio_reaches_roialign_and_survives_in_the_inference_model
 
 
 def test_box_head_size_gives_a_fresh_head_that_survives_in_the_inference_model():
-    from detexp.models import build_inference_model
+    from detexp.modeling.detector import build_inference_model
 
     default = build_detector(_cfg(), num_classes=3)
     assert default.roi_heads.box_head.fc6.out_features == 1024  # torchvision's
@@ -231,7 +232,7 @@ def _pooler_inputs(channels_last: bool):
 def test_detexp_roialign_pools_and_backpropagates_as_torchvision_does(sampling_ratio, channels_last):
     from torchvision.ops import MultiScaleRoIAlign as TorchvisionPooler
 
-    from detexp.roi_align import MultiScaleRoIAlign
+    from detexp.modeling.roi_align import MultiScaleRoIAlign
 
     features, boxes, shapes = _pooler_inputs(channels_last)
     # canonical_scale 64 sends the larger boxes to the second level, so both levels are read
@@ -252,7 +253,7 @@ def test_detexp_roialign_pools_and_backpropagates_as_torchvision_does(sampling_r
 def test_detexp_roialign_leaves_the_adaptive_sampling_ratio_to_torchvision():
     from torchvision.ops import MultiScaleRoIAlign as TorchvisionPooler
 
-    from detexp.roi_align import MultiScaleRoIAlign
+    from detexp.modeling.roi_align import MultiScaleRoIAlign
 
     features, boxes, shapes = _pooler_inputs(channels_last=False)
     pooled = [cls(["0", "1"], 7, 0)(features, boxes, shapes) for cls in (TorchvisionPooler, MultiScaleRoIAlign)]
@@ -274,7 +275,7 @@ def test_a_training_step_has_torchvisions_losses_and_gradients():
 
     torch.manual_seed(0)
     model = build_detector(_cfg(box_batch_size_per_image=32), num_classes=3)
-    assert type(model.roi_heads.box_roi_pool).__module__ == "detexp.roi_align"
+    assert type(model.roi_heads.box_roi_pool).__module__ == "detexp.modeling.roi_align"
     model.train()
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 120, 100, generator=gen), torch.rand(3, 90, 128, generator=gen)]
@@ -303,7 +304,7 @@ def test_folded_batch_norms_give_the_same_detections():
 
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from detexp.models import fold_batch_norms
+    from detexp.modeling.batchnorm import fold_batch_norms
 
     torch.manual_seed(0)
     model = build_detector(_cfg(), num_classes=3)

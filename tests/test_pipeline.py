@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import compose_train
+from detexp.commands.train import _load_datasets
 from detexp.data.annotations import _read_annotations, problems_of, read_annotations
 from detexp.data.pipeline import batch_to_tensors, decode_batch
 from detexp.data.source import resolve
-from detexp.train import _load_datasets
 
 XML = """<annotation><folder>VOC</folder><filename>{filename}</filename>
 <size><width>{w}</width><height>{h}</height><depth>3</depth></size>
@@ -104,7 +104,7 @@ def test_what_rays_control_actors_and_decode_tasks_run_does_not_import_torch(ray
     small machine."""
     import ray.cloudpickle
 
-    from detexp.controller import ForwardReports, ValidationNotDropped
+    from detexp.distributed.controller import ForwardReports, ValidationNotDropped
 
     _write_voc(tmp_path, "000", size=(40, 32), box=(2, 2, 20, 20))
     _write_voc(tmp_path, "001", size=(40, 32), box=(2, 2, 20, 20))

@@ -20,12 +20,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import compose_train
-from detexp.checkpoints import CHECKPOINT_FORMAT
+from detexp.checkpoint.files import CHECKPOINT_FORMAT
+from detexp.commands.predict import predict
 from detexp.config import TrainConfig
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.errors import ConfigError
-from detexp.models import build_detector
-from detexp.predict import predict
+from detexp.modeling.detector import build_detector
 
 
 def random_checkpoint(path: Path, classes=SHAPES_CLASSES, **model) -> Path:

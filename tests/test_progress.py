@@ -10,8 +10,8 @@ import re
 import pytest
 
 from conftest import compose_train
-from detexp.progress import EpochProgress, LiveProgress, summary_table
-from detexp.tracking import command_line, default_run_name
+from detexp.tracking.mlflow_runs import command_line, default_run_name
+from detexp.tracking.progress import EpochProgress, LiveProgress, summary_table
 
 
 def _step(step, total=10, epoch=0, elapsed=5.0, loss=1.25, ips=3.2):
@@ -63,8 +63,8 @@ def test_summary_names_best_epoch_its_maps_checkpoints_run_and_ui(tmp_path):
     progress.best_metrics = best
     progress.last = {**best, "epoch": 4, "improved": False, "val/map_50": 0.66}
     text = summary_table(
-        "completed 5 epochs", progress, "val/map_50", tmp_path / "model_final.pt", tmp_path / "model_best.pt",
-        _FakeTracker(), ("shapes", "3"),
+        progress, "completed 5 epochs", final=tmp_path / "model_final.pt", best=tmp_path / "model_best.pt",
+        tracker=_FakeTracker(), registered=("shapes", "3"),
     )
     assert "best epoch  3 of 5 by val/map_50" in text
     assert "map 0.4100  map_50 0.7200  voc07_map 0.6900  voc12_map 0.7000" in text  # the best epoch's, not the last
@@ -88,8 +88,8 @@ def test_run_names_and_descriptions():
 
 @pytest.mark.parametrize("name", ["a/b", "shapes:1", "x@prod", " "])
 def test_a_registry_name_mlflow_cannot_hold_is_refused_before_training(name):
+    from detexp.commands.train import check_train_config
     from detexp.errors import ConfigError
-    from detexp.train import check_train_config
 
     cfg = compose_train(["+experiment=smoke", f"tracking.register_model='{name}'"])
     with pytest.raises(ConfigError, match="tracking.register_model"):
@@ -97,7 +97,7 @@ def test_a_registry_name_mlflow_cannot_hold_is_refused_before_training(name):
 
 
 def test_unknown_registry_version_is_one_line_naming_it(tmp_path):
-    from detexp.checkpoints import prepare_inference
+    from detexp.checkpoint.effective_config import prepare_inference
     from detexp.errors import TrackingError
 
     cfg = compose_train(
@@ -110,5 +110,5 @@ def test_unknown_registry_version_is_one_line_naming_it(tmp_path):
 def test_summary_without_validation_says_last_epoch(tmp_path):
     progress = EpochProgress(epochs=2, max_failures=0, tracker=None, logged=set(), previous=None)
     progress.last = {"epoch": 1}
-    text = summary_table("completed 2 epochs", progress, "val/map_50", tmp_path / "f.pt", None, _FakeTracker(), None)
+    text = summary_table(progress, "completed 2 epochs", final=tmp_path / "f.pt", best=None, tracker=_FakeTracker(), registered=None)
     assert "best epoch" not in text and "val mAP" not in text and "registered" not in text

@@ -18,10 +18,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import detexp
-from detexp.engine import InvalidTargetError, NonFiniteLossError, check_targets, train_one_epoch
+from detexp.commands.train import train
+from detexp.engine.loops import (
+    InvalidTargetError,
+    NonFiniteLossError,
+    check_targets,
+    train_one_epoch,
+)
 from detexp.errors import USER_ERRORS, TrackingError, TrainingDivergedError
-from detexp.tracking import check_reachable
-from detexp.train import train
+from detexp.tracking.mlflow_runs import check_reachable
 
 SRC = Path(detexp.__file__).parent
 REPO = SRC.parent.parent
@@ -235,7 +240,7 @@ def test_docs_say_how_to_keep_mlflow_private():
 def test_a_worker_error_is_told_in_one_line():
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from detexp.controller import describe_failure
+    from detexp.distributed.controller import describe_failure
 
     try:
         raise ValueError("Key 'foo' not in 'ModelConfig'\n    full_key: model.foo\n    object_type=dict")

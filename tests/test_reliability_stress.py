@@ -11,8 +11,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from detexp.commands.train import train
 from detexp.data.problems import MAX_TABLE_ROWS
-from detexp.train import train
 from test_data_check import CLASSES_ARG, build_corpus
 
 TOTAL, BAD_TRAIN, BAD_VAL = 2000, 95, 5  # 5% bad

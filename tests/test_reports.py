@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detexp.reports import draw_detections, image_grid, plot_pr_curves, write_per_class_table
+from detexp.evaluation.figures import (
+    draw_detections,
+    image_grid,
+    plot_pr_curves,
+    write_per_class_table,
+)
 
 METRICS = {
     "map": 0.41234,

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from detexp.commands.train import train
 from detexp.errors import ResourceError
-from detexp.train import train
 
 
 @pytest.mark.parametrize(
@@ -29,9 +29,9 @@ def test_impossible_request_fails_fast_saying_what_was_asked(ray_cluster, smoke_
 
 def test_a_local_rays_workers_get_the_malloc_settings(ray_cluster):
     """The processes of a Ray that detexp starts keep freed memory for the next step instead
-    of faulting it in again (detexp.launch.MALLOC_ENV); what the worker process itself was
+    of faulting it in again (detexp.distributed.cluster.MALLOC_ENV); what the worker process itself was
     started with is what counts, since glibc reads it once."""
-    from detexp.launch import MALLOC_ENV
+    from detexp.distributed.cluster import MALLOC_ENV
 
     @ray_cluster.remote(num_cpus=0)
     def started_with() -> dict[str, str]:

@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import compose_train
+from detexp.commands.train import train
 from detexp.errors import USER_ERRORS, ConfigError
-from detexp.train import train
 
 EPOCHS = 2
 LR, GAMMA = 0.02, 0.1  # smoke: lr 0.02, MultiStepLR x0.1 from epoch index 1

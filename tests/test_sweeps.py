@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import compose_train
+from detexp.commands.train import train
+from detexp.commands.tune import max_concurrent_trials, tune, write_best_config
 from detexp.config import TrainConfig
 from detexp.errors import ConfigError, ResourceError
-from detexp.train import train
-from detexp.tune import max_concurrent_trials, tune, write_best_config
 
 # -- best epoch and patience ---------------------------------------------------------------------
 

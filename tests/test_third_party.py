@@ -10,8 +10,8 @@ import shutil
 from mlflow.tracking import MlflowClient
 
 from conftest import compose_train
+from detexp.commands.train import train
 from detexp.data.shapes import generate_shapes
-from detexp.train import train
 
 RENAME = {"circle": "Disc", "square": "box_4", "triangle": "tri angle", "cross": "plus"}
 

@@ -17,8 +17,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import compose_train
+from detexp.commands.predict import predict
 from detexp.data.source import dataset_root
-from detexp.predict import predict
 
 
 def _run(trained):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from detexp.checkpoints import find_checkpoint
-from detexp.train import train
+from detexp.checkpoint.files import find_checkpoint
+from detexp.commands.train import train
 
 
 def _history(client, run_id, key):

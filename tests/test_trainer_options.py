@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import compose_train
-from detexp.engine import train_one_epoch
+from detexp.commands.train import check_train_config
+from detexp.distributed.worker_loop import group_by_orientation
+from detexp.engine.loops import train_one_epoch
 from detexp.errors import ConfigError
-from detexp.models import build_detector
-from detexp.train import check_train_config
-from detexp.worker import group_by_orientation
+from detexp.modeling.detector import build_detector
 
 
 def _rows(shapes: list[tuple[int, int]], start: int = 0) -> pa.Table:
@@ -119,7 +119,7 @@ def test_channels_last_model_learns_the_same_as_the_default_layout():
 
 
 def test_the_next_epoch_started_early_yields_every_batch_once_and_passes_errors_on():
-    from detexp.worker import StartedEarly
+    from detexp.distributed.worker_loop import StartedEarly
 
     started = StartedEarly(iter(range(5)))
     assert list(started) == [0, 1, 2, 3, 4]
@@ -142,7 +142,7 @@ def test_val_images_are_kept_after_the_first_pass_only_when_they_fit(ray_cluster
     from detexp.data.annotations import read_annotations
     from detexp.data.pipeline import batch_to_tensors, decode_images
     from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
-    from detexp.worker import KeptShard
+    from detexp.distributed.worker_loop import KeptShard
 
     root = generate_shapes(tmp_path / "shapes", num_train=6, num_val=0, image_size=64)
     ids = [f"{i:06d}" for i in range(1, 7)]
@@ -172,7 +172,7 @@ def test_the_fused_optimizer_updates_the_weights_as_the_per_parameter_loop_does(
     """build_optimizer picks torch's fused kernel on the CPU (one pass over all weights);
     three steps of it move the weights as the same optimizer unfused does, and its state
     saved in a checkpoint loads back into an optimizer the usual way."""
-    from detexp.optim import build_optimizer
+    from detexp.engine.solver import build_optimizer
 
     cfg = compose_train(["+experiment=smoke", f"optimizer={optimizer}"])
     torch.manual_seed(0)

@@ -47,36 +47,36 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _run_train(cfg: DictConfig) -> dict:
-    from detexp.sweeps import parent_tags
-    from detexp.train import train
+    from detexp.commands.multirun import parent_tags
+    from detexp.commands.train import train
 
     hc = HydraConfig.get()
     return train(cfg, hc.runtime.output_dir, list(hc.overrides.task), tags=parent_tags())
 
 
 def _run_tune(cfg: DictConfig) -> dict:
-    from detexp.tune import tune
+    from detexp.commands.tune import tune
 
     hc = HydraConfig.get()
     return tune(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _run_eval(cfg: DictConfig) -> dict:
-    from detexp.evaluate import evaluate
+    from detexp.commands.evaluate import evaluate
 
     hc = HydraConfig.get()
     return evaluate(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _run_predict(cfg: DictConfig) -> dict:
-    from detexp.predict import predict
+    from detexp.commands.predict import predict
 
     hc = HydraConfig.get()
     return predict(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _run_data_check(cfg: DictConfig) -> int:
-    from detexp.data.commands import data_check
+    from detexp.commands.data_check import data_check
 
     errors = data_check(cfg)
     if errors:
@@ -85,13 +85,13 @@ def _run_data_check(cfg: DictConfig) -> int:
 
 
 def _run_data_show(cfg: DictConfig) -> dict:
-    from detexp.datashow import data_show
+    from detexp.commands.data_show import data_show
 
     return data_show(cfg, HydraConfig.get().runtime.output_dir)
 
 
 def _run_data_synth(cfg: DictConfig):
-    from detexp.data.commands import data_synth
+    from detexp.commands.data_synth import data_synth
 
     return data_synth(cfg)
 
@@ -164,8 +164,8 @@ def _main(argv: list[str] | None) -> None:
 def _finish(interrupted: bool = False) -> None:
     """Close a sweep's parent run however the sweep ended, and stop the Ray this process
     started, so that no Ray process outlives the command."""
-    if "detexp.sweeps" in sys.modules:
-        sys.modules["detexp.sweeps"].finish_sweep(interrupted)
+    if "detexp.commands.multirun" in sys.modules:
+        sys.modules["detexp.commands.multirun"].finish_sweep(interrupted)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
 

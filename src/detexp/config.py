@@ -196,7 +196,7 @@ class TrainConfig:
 
 @dataclass
 class TuneSettings:
-    """`detexp tune`: a Ray Tune search over train keys (see detexp.tune)."""
+    """`detexp tune`: a Ray Tune search over train keys (see detexp.commands.tune)."""
 
     # {dotted train key: {loguniform|uniform: [low, high]} or {choice|grid: [values...]}}.
     # null = {optimizer.lr: {loguniform: [1e-3, 1e-1]}, schedule.lr_steps: {choice: [[16, 22], [8, 11]]}}
@@ -223,7 +223,7 @@ class EvalConfig:
     """`detexp eval checkpoint=PATH`: metrics of a trained checkpoint on a dataset split.
 
     ``model`` and ``dataset`` start from the checkpoint's own config; only the keys given
-    on the command line replace them (see detexp.checkpoints.effective_config)."""
+    on the command line replace them (see detexp.checkpoint.effective_config.effective_config)."""
 
     checkpoint: str | None = None  # a model_final.pt / checkpoint.pt, or a train run dir
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

@@ -10,7 +10,7 @@ Nothing that runs in Ray Data imports torch: Ray unpickles a dataset's plan (whi
 :func:`decode_batch`) in Ray Train's DatasetManager and SplitCoordinator actors, by
 importing this module, and the decode tasks run :func:`decode_batch` itself. A torch import
 cost each of those processes 4-6 CPU seconds before the first batch (see
-:mod:`detexp.controller`); only :func:`batch_to_tensors`, on the worker, imports it.
+:mod:`detexp.distributed.controller`); only :func:`batch_to_tensors`, on the worker, imports it.
 """
 
 from __future__ import annotations

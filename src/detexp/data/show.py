@@ -5,7 +5,7 @@ go into its grid of ground-truth boxes (:func:`pick_grid_images`).
 Everything here is a pure function of parsed records (:class:`~detexp.data.voc.VOCRecord`),
 so the numbers are those of the images training would use: boxes as parsed and clipped,
 images with errors left out (and counted as ``skipped``). Drawing is done by
-:mod:`detexp.datashow`, which may use :mod:`detexp.reports`; the data layer may not.
+:mod:`detexp.commands.data_show`, which may use :mod:`detexp.evaluation.figures`; the data layer may not.
 """
 
 from __future__ import annotations

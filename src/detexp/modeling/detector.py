@@ -18,7 +18,8 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from detexp.errors import ConfigError
-from detexp.roi_align import MultiScaleRoIAlign
+from detexp.modeling.roi_align import MultiScaleRoIAlign
+from detexp.modeling.weights import load_model_state
 
 # name -> (builder, detector weight enum, backbone weight enum)
 BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
@@ -40,14 +41,20 @@ BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
     ),
 }
 
+
 # Builders whose box head is not torchvision's TwoMLPHead (model.box_head_size cannot apply).
 CONV_BOX_HEADS = ("fasterrcnn_resnet50_fpn_v2",)
+
 
 # The ResNet-50 FPN builders: their FPN reads strides 4 to 32 and their anchor generator
 # has one size per level (5 levels). The others (the MobileNet ones) put all their anchor
 # sizes on each of their feature maps.
 RESNET_FPN_BUILDERS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
+
+
 RESNET_FPN_LEVELS = 5
+
+
 MOBILENET_STAGES = 6  # torchvision's MobileNetV3-Large extractor: stages 0 (stem) to 5 (last conv)
 
 
@@ -226,7 +233,7 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
     if cfg.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
     # FasterRCNN's default pooler (model.roi_sampling_ratio; 2 is the builders' own), with a
-    # CPU path about 10x faster than torchvision's CPU kernel, same results (detexp.roi_align).
+    # CPU path about 10x faster than torchvision's CPU kernel, same results (detexp.modeling.roi_align).
     kwargs["box_roi_pool"] = MultiScaleRoIAlign(
         featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=cfg.roi_sampling_ratio
     )
@@ -254,26 +261,6 @@ def _resize_box_head(model: tvd.FasterRCNN, cfg: Any, num_classes: int) -> None:
     if head.fc7.out_features != cfg.box_head_size:
         model.roi_heads.box_head = TwoMLPHead(head.fc6.in_features, cfg.box_head_size)
         model.roi_heads.box_predictor = FastRCNNPredictor(cfg.box_head_size, num_classes)
-
-
-def load_model_state(path: str | Path, num_classes: int | None = None) -> dict[str, torch.Tensor]:
-    """The model state dict inside a detexp checkpoint file (or a plain state dict file),
-    loaded with ``weights_only=True``; a class-count mismatch is reported plainly."""
-    path = Path(path).expanduser()
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ConfigError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or "roi_heads.box_predictor.cls_score.weight" not in state:
-        raise ConfigError(f"{path}: not a detexp checkpoint or Faster R-CNN state dict")
-    found = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-    if num_classes is not None and found != num_classes:
-        raise ConfigError(
-            f"{path}: the checkpoint predicts {found - 1} classes + background, "
-            f"the dataset has {num_classes - 1}"
-        )
-    return state
 
 
 def build_inference_model(model_cfg: Any, num_classes: int) -> torch.nn.Module:
@@ -306,55 +293,3 @@ def _norms_as_trained(model: torch.nn.Module, cfg: Any) -> None:
         for name, child in parent.named_children():
             if isinstance(child, torch.nn.BatchNorm2d):
                 setattr(parent, name, FrozenBatchNorm2d(child.num_features, eps=eps))
-
-
-def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """For inference: every BatchNorm that follows a convolution in a ``Sequential`` (the
-    MobileNet backbone's ``Conv2dNormActivation`` blocks, the v2 builder's FPN and heads)
-    folded into that convolution's weights and bias, in place; returns ``model``.
-
-    In eval mode a BatchNorm is a fixed per-channel scale and shift, so the results do not
-    change (up to float rounding), but one pass over each activation map is saved: on the
-    default detector it was 15% of a CPU inference batch (2026-11-27). The model must not be
-    trained afterwards; validation during training folds a copy."""
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for parent in list(model.modules()):
-        if not isinstance(parent, torch.nn.Sequential):
-            continue
-        children = list(parent.named_children())
-        for (_, conv), (norm_name, norm) in zip(children, children[1:], strict=False):
-            if not (isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d | FrozenBatchNorm2d)):
-                continue
-            if isinstance(norm, torch.nn.BatchNorm2d) and (norm.training or norm.running_mean is None):
-                continue
-            nhwc = conv.weight.is_contiguous(memory_format=torch.channels_last)  # trainer.channels_last
-            memory_format = torch.channels_last if nhwc else torch.contiguous_format
-            weight, bias = fuse_conv_bn_weights(
-                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
-            )
-            conv.weight = torch.nn.Parameter(weight.detach().contiguous(memory_format=memory_format), requires_grad=False)
-            conv.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
-            setattr(parent, norm_name, torch.nn.Identity())
-    return model
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Any = "checkpoint") -> None:
-    """Load ``state`` into ``model``, refusing weights that do not fit with one line that
-    names ``path``."""
-    # A plain state dict (model.checkpoint) may come from a BatchNorm2d model and carry
-    # num_batches_tracked counters, or lack them: neither matters in eval mode.
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that differ
-        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise ConfigError(f"checkpoint={path} does not fit this model config: {detail}; is model.name right?") from None
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise ConfigError(
-            f"checkpoint={path} does not fit this model config: {len(missing)} missing and "
-            f"{len(unexpected)} unexpected weights (e.g. {example}); is model.name right?"
-        )

@@ -20,10 +20,10 @@ the few worst images: memory stays bounded on splits of thousands of images. It 
 Difficult objects are ignored everywhere, as the VOC metrics do: they are never missed, and a
 detection that matches no other object but overlaps a difficult one (IoU >= 0.5) is neither
 right nor wrong. IoU here is continuous (width = xmax - xmin, as torchvision and COCO), not
-the devkit's +1 pixel rule that the VOC APs of :mod:`detexp.metrics` follow.
+the devkit's +1 pixel rule that the VOC APs of :mod:`detexp.evaluation.metrics` follow.
 
 The writers use Matplotlib through its Agg canvas on a fresh `Figure` (no pyplot), as
-:mod:`detexp.reports` does. Plain numpy: no torch, Ray, Hydra or MLflow.
+:mod:`detexp.evaluation.figures` does. Plain numpy: no torch, Ray, Hydra or MLflow.
 """
 
 from __future__ import annotations
@@ -38,9 +38,17 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IOU_THRESHOLD = 0.5
+
+
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 101), 2)  # 0.00, 0.01, ..., 1.00
+
+
 BACKGROUND = "background"
+
+
 ALL_CLASSES = "all classes"
+
+
 _COMPACT_EVERY = 64  # arrays per class before they are joined into one
 
 
@@ -269,9 +277,6 @@ def best_f1(curves: Mapping[str, tuple], thresholds: np.ndarray = THRESHOLDS, na
         return None
     best = int(np.nanargmax(f1))
     return float(thresholds[best]), float(f1[best])
-
-
-# -- files -------------------------------------------------------------------------------------
 
 
 def _number(value: float) -> str:

@@ -1,5 +1,5 @@
 """``detexp eval`` and the report at the end of ``detexp train``: predict a split with
-a checkpoint on Ray Data (:mod:`detexp.inference`), and write what people read.
+a checkpoint on Ray Data (:mod:`detexp.distributed.batch_inference`), and write what people read.
 
 The driver streams the predictor's rows: it feeds :class:`DetectionEvaluator` and appends
 to ``predictions.jsonl`` as they arrive, so its memory holds the per-image detection
@@ -11,7 +11,7 @@ Which model and data: a training checkpoint stores its resolved config and class
 the keys given on the command line (``dataset.val_split=test``, or a whole group:
 ``dataset=voc dataset.root=...``); class names always come from the checkpoint unless
 ``dataset.classes`` is given. So ``eval checkpoint=PATH`` alone evaluates the split the
-model was validated on during training (see :func:`detexp.checkpoints.effective_config`).
+model was validated on during training (see :func:`detexp.checkpoint.effective_config.effective_config`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from detexp.checkpoints import CHECKPOINT_FILE, load_state, prepare_inference
+from detexp.checkpoint.effective_config import prepare_inference
+from detexp.checkpoint.files import CHECKPOINT_FILE, load_state
 from detexp.data.problems import format_problems, write_problems_csv
 from detexp.data.voc import SPLITS_DIR, list_annotation_ids, read_split_ids, seeded_split
-from detexp.diagnostics import (
+from detexp.distributed.batch_inference import (
+    BATCHES_PER_BLOCK,
+    prediction_records,
+    run_predictor,
+    write_jsonl,
+)
+from detexp.errors import ConfigError, DatasetError, DetexpError
+from detexp.evaluation.diagnostics import (
     DetectionDiagnostics,
     ImageErrors,
     Summary,
@@ -42,11 +50,13 @@ from detexp.diagnostics import (
     write_confusion_matrix,
     write_threshold_curves,
 )
-from detexp.errors import ConfigError, DatasetError, DetexpError
-from detexp.inference import BATCHES_PER_BLOCK, prediction_records, run_predictor, write_jsonl
 
 log = logging.getLogger("detexp")
+
+
 WORST_IMAGES = 8  # images in worst_images.jpg
+
+
 GRID_IMAGES = 8  # the val split's first images (by id), drawn in predictions_grid.jpg
 
 
@@ -84,8 +94,8 @@ def evaluate_split(
     from detexp.data.annotations import problems_of, read_annotations
     from detexp.data.pipeline import decode_images
     from detexp.data.source import dataset_root
-    from detexp.metrics import DetectionEvaluator
-    from detexp.reports import image_grid, plot_pr_curves, write_per_class_table
+    from detexp.evaluation.figures import image_grid, plot_pr_curves, write_per_class_table
+    from detexp.evaluation.metrics import DetectionEvaluator
 
     classes = list(cfg.dataset.classes)
     if not classes:
@@ -150,7 +160,7 @@ def _write_worst_images(worst: list[ImageErrors], root: Path, classes: list[str]
     """The images with the most errors, drawn as on predictions_grid.jpg and captioned with
     their counts; read from the dataset on the driver (a handful of images)."""
     from detexp.data.voc import image_path
-    from detexp.reports import draw_detections, image_grid
+    from detexp.evaluation.figures import draw_detections, image_grid
 
     if not worst:
         return []
@@ -183,7 +193,6 @@ def _apply_error_policy(on_error: str, problems, total: int, out_dir: Path) -> i
     return total - len(bad)
 
 
-
 def _json_safe(value: Any) -> Any:
     """NaN (a class without ground truth has no VOC AP) as null: JSON has no NaN."""
     if isinstance(value, dict):
@@ -197,14 +206,13 @@ def _headline(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
     """``detexp eval``: metrics of ``cfg.checkpoint`` on the dataset's val split, written to
     ``run_dir`` and logged to an MLflow run tagged ``detexp.train_run_id``. Returns the
     metrics plus ``run_id`` and ``run_dir``. ``overrides`` are the command line's (which
     model/dataset keys replace the checkpoint's)."""
-    from detexp import launch
-    from detexp.tracking import Tracker, command_line, default_run_name, inference_tags
+    from detexp.distributed import cluster
+    from detexp.tracking.mlflow_runs import Tracker, command_line, default_run_name, inference_tags
 
     ckpt, eff, state = prepare_inference(cfg, overrides)
     if eff.dataset.on_error not in ("skip", "raise"):
@@ -213,8 +221,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(eff))
-    launch.init_ray(eff.ray.address, eff.ray.verbose)
-    launch.check_resources(eff.scaling)
+    cluster.init_ray(eff.ray.address, eff.ray.verbose)
+    cluster.check_resources(eff.scaling)
     run_id = tracker.start(
         default_run_name(eff, "eval-"), OmegaConf.to_container(eff, resolve=True),
         inference_tags("eval", overrides, ckpt.path, ckpt.train_run_id),

@@ -1,7 +1,7 @@
 """``train_loop_per_worker``: the only module that talks to ``ray.train``.
 
-Every Ray Train worker runs :func:`train_loop_per_worker` with a plain dict (the resolved
-config). It reads its own shard of the train and val datasets, trains with DDP when there
+Every Ray Train worker runs :func:`train_loop_per_worker` with a :class:`WorkerPlan` (the
+resolved config and what the driver decided). It reads its own shard of the train and val datasets, trains with DDP when there
 are several workers, validates every epoch, and reports once per epoch with a checkpoint
 (rank 0 writes it) holding the unwrapped model, optimizer, lr_scheduler, config and epoch.
 """
@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +26,124 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from detexp.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTIONS_FILE
+from detexp.checkpoint.files import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTIONS_FILE
 from detexp.data.pipeline import batch_to_tensors
-from detexp.engine import (
-    BestEpoch,
+from detexp.engine.early_stopping import BestEpoch
+from detexp.engine.loops import (
+    EpochStats,
     NonFiniteLossError,
     all_ranks,
-    distributed,
-    predict,
+    is_distributed,
+    predict_batch,
     train_one_epoch,
 )
-from detexp.metrics import DetectionEvaluator
-from detexp.models import build_detector, fold_batch_norms
-from detexp.optim import build_optimizer, build_scheduler, build_warmup
-from detexp.reports import prediction_table
+from detexp.engine.solver import build_optimizer, build_scheduler, build_warmup
+from detexp.epoch_report import (
+    BEST_EPOCH,
+    BEST_VALUE,
+    DIVERGED,
+    EPOCH,
+    EPOCHS_DONE,
+    IMPROVED,
+    STOPPED_EARLY,
+)
+from detexp.evaluation.metrics import DetectionEvaluator
+from detexp.evaluation.records import prediction_table
+from detexp.modeling.batchnorm import fold_batch_norms
+from detexp.modeling.detector import build_detector
 
-# Key of the report a worker sends instead of an epoch's metrics when the loss diverged.
-DIVERGED = "diverged"
-# Report keys for the driver, besides the metrics: the epoch just trained is the new best;
-# patience ran out after it (the last report of the run).
-IMPROVED = "improved"
-STOPPED_EARLY = "stopped_early"
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a Train worker needs besides its dataset shards, decided on the driver."""
+
+    cfg: dict[str, Any]  # the resolved train config, with the lr the workers train with
+    steps_per_epoch: int | None = None  # of each worker (its train shard / batch size)
+    shown: tuple[str, ...] = ()  # val image ids drawn in the end-of-training report's grid
+    weights: dict[str, Any] = field(default_factory=dict)  # file name -> [object ref]: nodes without them
+    progress: Any = None  # a Ray Queue rank 0 sends its progress within an epoch into; None: none
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """``config``: ``{"cfg": resolved TrainConfig as a dict, "steps_per_epoch": int}``."""
-    cfg = OmegaConf.create(config["cfg"])
-    classes = list(cfg.dataset.classes)
-    num_classes = len(classes) + 1
+@dataclass
+class Training:
+    """What a worker trains and its checkpoints hold: the model (DDP-wrapped with several
+    workers), its optimizer, schedule, gradient scaler (fp16 only) and best epoch so far."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    best: BestEpoch
+    device: torch.device
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.best.load_state_dict(state.get("best"))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def checkpoint(self, config: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """The ``checkpoint.pt`` dict (detexp.checkpoint.files describes it)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "config": config,
+            "epoch": epoch,
+            "best": self.best.state_dict(),
+            "classes": list(config["dataset"]["classes"]),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+        }
+
+
+def train_loop_per_worker(plan: WorkerPlan) -> None:
+    """Train from the last checkpoint (if any) to ``schedule.epochs``, validating and
+    reporting once per epoch; return early when the loss diverged or patience ran out."""
+    cfg = OmegaConf.create(plan.cfg)
+    device = _set_up_process(cfg)
+    state = _restored_state()
+    start_epoch = 0 if state is None else state["epoch"] + 1
+    shards = _Shards(cfg, device)
+    # Ray Data's first batch takes seconds (its read and decode tasks start up): ask for it
+    # now, so that the wait overlaps with building the model.
+    next_tables = StartedEarly(shards.train_tables()) if start_epoch < cfg.schedule.epochs else None
+    _place_weight_files(plan.weights)
+    training = _build_training(cfg, device)
+    if state is not None:
+        training.load_state_dict(state)
+        del state
+    # The val images drawn in the report's grid; None: no report, so no report rows.
+    shown = set(plan.shown) if cfg.eval_at_end else None
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        stats = _train_epoch(training, cfg, plan, epoch, next_tables)
+        if stats is None:
+            return
+        if epoch + 1 < cfg.schedule.epochs:
+            next_tables = StartedEarly(shards.train_tables())
+        val_start = time.perf_counter()
+        val_metrics, val_rows = (
+            _validate(training.model, shards.val, device, list(cfg.dataset.classes), shown)
+            if shards.val is not None else ({}, None)
+        )
+        metrics = _epoch_metrics(epoch, stats, val_metrics, time.perf_counter() - val_start)
+        # Validation metrics are gathered, so every rank takes the same decision here.
+        if shards.val is not None:
+            metrics[IMPROVED] = training.best.update(epoch, metrics.get(cfg.schedule.monitor))
+            metrics[BEST_EPOCH], metrics[BEST_VALUE] = training.best.epoch, training.best.value
+            metrics[STOPPED_EARLY] = training.best.should_stop
+        # A new best epoch's checkpoint keeps its val predictions: the report at the end of
+        # training (eval_at_end) is made from them instead of predicting again.
+        predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and shown is not None else None
+        _report(metrics, training.checkpoint(plan.cfg, epoch), predictions)
+        if training.best.should_stop:
+            return
+
+
+def _set_up_process(cfg: Any) -> torch.device:
+    """Seed, threads and process group of this worker; returns its device."""
     torch.manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
     device = ray.train.torch.get_device()
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -63,107 +154,101 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # to; gloo's TCP loop thread would still wake 100 times a second, taking a core
         # from a training thread each time.
         dist.destroy_process_group()
-
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    start_epoch = 0 if state is None else state["epoch"] + 1
-
-    train_shard = ray.train.get_dataset_shard("train")
-    try:
-        val_shard = ray.train.get_dataset_shard("val")
-    except KeyError:  # no val split (dataset.val_split=null, or val_fraction=0)
-        val_shard = None
-    else:
-        val_shard = KeptShard(val_shard, cfg.dataset.batch_size, cfg.trainer.keep_val_mib, device)
-    steps_per_epoch = config.get("steps_per_epoch")
-    # The val images drawn in the report's grid; None: no report, so no report rows.
-    shown = set(config.get("shown") or ()) if cfg.eval_at_end else None
-
-    def epoch_tables(epoch: int):
-        return _tables(
-            train_shard, cfg.dataset.batch_size,
-            prefetch=cfg.trainer.prefetch_batches, group=cfg.trainer.group_aspect_ratio,
-        )
-
-    # Ray Data's first batch takes seconds (its read and decode tasks start up): ask for it
-    # now, so that the wait overlaps with building the model.
-    next_tables = StartedEarly(epoch_tables(start_epoch)) if start_epoch < cfg.schedule.epochs else None
-
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
-    _place_weight_files(config.get("weights") or {})
-    model = build_detector(cfg.model, num_classes)
+    return device
+
+
+def _restored_state() -> dict[str, Any] | None:
+    """The checkpoint Ray Train hands a resumed (or restarted) run, loaded; None for a new run."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        return torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+class _Shards:
+    """This worker's shards: the train shard as a new pass of batches each epoch, and the
+    val shard (None without a val split), kept in memory after its first pass when it fits."""
+
+    def __init__(self, cfg: Any, device: torch.device):
+        self.train = ray.train.get_dataset_shard("train")
+        self.batch_size, self.trainer = cfg.dataset.batch_size, cfg.trainer
+        try:
+            val = ray.train.get_dataset_shard("val")
+        except KeyError:  # no val split (dataset.val_split=null, or val_fraction=0)
+            self.val = None
+        else:
+            self.val = KeptShard(val, cfg.dataset.batch_size, cfg.trainer.keep_val_mib, device)
+
+    def train_tables(self):
+        # The rows come shuffled, every epoch differently (commands.train): no local buffer.
+        tables = self.train.iter_batches(
+            batch_size=self.batch_size, batch_format="pyarrow", prefetch_batches=self.trainer.prefetch_batches,
+        )
+        return group_by_orientation(tables, self.batch_size) if self.trainer.group_aspect_ratio else tables
+
+
+def _build_training(cfg: Any, device: torch.device) -> Training:
+    model = build_detector(cfg.model, len(cfg.dataset.classes) + 1)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    scheduler = build_scheduler(cfg.schedule, optimizer)
-    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.amp == "fp16" else None
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg.schedule, optimizer),
+        scaler=torch.amp.GradScaler(device.type) if cfg.trainer.amp == "fp16" else None,
+        best=BestEpoch(cfg.schedule.monitor_mode, cfg.schedule.patience),
+        device=device,
+    )
 
-    best = BestEpoch(cfg.schedule.monitor_mode, cfg.schedule.patience)
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        best.load_state_dict(state.get("best"))
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        del state
 
-    for epoch in range(start_epoch, cfg.schedule.epochs):
-        warmup = build_warmup(cfg.schedule, optimizer, steps_per_epoch) if epoch == 0 else None
-        # Tensors are made here, on the training thread: see StartedEarly.
-        batches = (batch_to_tensors(table, device) for table in next_tables or epoch_tables(epoch))
-        live = config.get("progress") if ray.train.get_context().get_world_rank() == 0 else None
-        try:
-            stats = train_one_epoch(
-                model, optimizer, batches, epoch, warmup=warmup, grad_clip_norm=cfg.schedule.grad_clip_norm,
-                amp=cfg.trainer.amp, scaler=scaler,
-                # (`is not None`: an empty Ray Queue has len 0 and is falsy)
-                on_step=None if live is None else LiveSteps(live, epoch, steps_per_epoch, cfg.dataset.batch_size * _world_size()),
-            )
-        except NonFiniteLossError as exc:
-            # Every rank gets here at the same step (engine agrees on it). Report and
-            # return instead of raising: an error would make Ray Train restart the workers
-            # (scaling.max_failures) and diverge again. No checkpoint: the last good one stays.
-            ray.train.report({"epoch": epoch, DIVERGED: {"step": exc.step, "rank": exc.rank, "losses": exc.losses}})
-            return
-        scheduler.step()
-        if epoch + 1 < cfg.schedule.epochs:
-            next_tables = StartedEarly(epoch_tables(epoch + 1))
+def _train_epoch(training: Training, cfg: Any, plan: WorkerPlan, epoch: int, tables) -> EpochStats | None:
+    """One epoch of training and its schedule step; None when the loss diverged (reported)."""
+    warmup = build_warmup(cfg.schedule, training.optimizer, plan.steps_per_epoch) if epoch == 0 else None
+    # Tensors are made here, on the training thread: see StartedEarly.
+    batches = (batch_to_tensors(table, training.device) for table in tables)
+    # (`is not None`: an empty Ray Queue has len 0 and is falsy)
+    live = plan.progress is not None and ray.train.get_context().get_world_rank() == 0
+    images_per_step = cfg.dataset.batch_size * _world_size()
+    try:
+        stats = train_one_epoch(
+            training.model, training.optimizer, batches, epoch, warmup=warmup,
+            grad_clip_norm=cfg.schedule.grad_clip_norm, amp=cfg.trainer.amp, scaler=training.scaler,
+            on_step=LiveSteps(plan.progress, epoch, plan.steps_per_epoch, images_per_step) if live else None,
+        )
+    except NonFiniteLossError as exc:
+        # Every rank gets here at the same step (engine agrees on it). Report and
+        # return instead of raising: an error would make Ray Train restart the workers
+        # (scaling.max_failures) and diverge again. No checkpoint: the last good one stays.
+        ray.train.report({EPOCH: epoch, DIVERGED: {"step": exc.step, "rank": exc.rank, "losses": exc.losses}})
+        return None
+    training.scheduler.step()
+    return stats
 
-        val_start = time.perf_counter()
-        val_metrics, val_rows = _validate(model, val_shard, device, classes, shown) if val_shard is not None else ({}, None)
-        metrics = {
-            "epoch": epoch,
-            "train/loss": stats.losses.get("loss", float("nan")),
-            **{f"train/{k}": v for k, v in stats.losses.items() if k != "loss"},
-            "train/lr": stats.lr,
-            "train/steps": stats.steps * _world_size(),
-            "train/images": stats.images * _world_size(),  # train shards are equal in size
-            "train/steps_per_s": stats.steps_per_second,
-            "train/workers": _world_size(),  # fewer than scaling.num_workers after an elastic resize
-            "train/nodes": _node_count(),
-            "train/epoch_s": stats.seconds,
-            "train/data_wait_s": stats.data_seconds,  # of epoch_s: the step waited for its batch
-            "val/epoch_s": time.perf_counter() - val_start,
-            **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
-            "epochs_done": epoch + 1,
-        }
-        # Validation metrics are gathered, so every rank takes the same decision here.
-        if val_shard is not None:
-            metrics[IMPROVED] = best.update(epoch, metrics.get(cfg.schedule.monitor))
-            metrics["best/epoch"], metrics["best/value"] = best.epoch, best.value
-            metrics[STOPPED_EARLY] = best.should_stop
-        # A new best epoch's checkpoint keeps its val predictions: the report at the end of
-        # training (eval_at_end) is made from them instead of predicting again.
-        predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and shown is not None else None
-        _report(metrics, model, optimizer, scheduler, config["cfg"], epoch, best.state_dict(), scaler, predictions)
-        if best.should_stop:
-            return
+
+def _epoch_metrics(epoch: int, stats: EpochStats, val_metrics: dict[str, Any], val_seconds: float) -> dict[str, Any]:
+    """The epoch's report, by MLflow metric names (detexp.epoch_report has the other keys)."""
+    world = _world_size()
+    return {
+        EPOCH: epoch,
+        "train/loss": stats.losses.get("loss", float("nan")),
+        **{f"train/{k}": v for k, v in stats.losses.items() if k != "loss"},
+        "train/lr": stats.lr,
+        "train/steps": stats.steps * world,
+        "train/images": stats.images * world,  # train shards are equal in size
+        "train/steps_per_s": stats.steps_per_second,
+        "train/workers": world,  # fewer than scaling.num_workers after an elastic resize
+        "train/nodes": _node_count(),
+        "train/epoch_s": stats.seconds,
+        "train/data_wait_s": stats.data_seconds,  # of epoch_s: the step waited for its batch
+        "val/epoch_s": val_seconds,
+        **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
+        EPOCHS_DONE: epoch + 1,
+    }
 
 
 class LiveSteps:
@@ -250,7 +335,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _node_count() -> int:
     """How many machines the workers of this epoch ran on."""
     node = ray.get_runtime_context().get_node_id()
-    if not distributed():
+    if not is_distributed():
         return 1
     nodes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
@@ -259,12 +344,6 @@ def _node_count() -> int:
 
 def _world_size() -> int:
     return ray.train.get_context().get_world_size()
-
-
-def _tables(shard, batch_size: int, prefetch: int = 2, group: bool = False):
-    # The rows come shuffled, every epoch differently (train._load_datasets): no local buffer.
-    tables = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch)
-    return group_by_orientation(tables, batch_size) if group else tables
 
 
 def group_by_orientation(tables, batch_size: int):
@@ -336,11 +415,11 @@ def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa
     rows = []
     for table in tables:
         images, targets = batch_to_tensors(table, device)
-        outputs = predict(net, images)
+        outputs = predict_batch(net, images)
         evaluator.update(outputs, targets)
         if shown is not None:
             rows.append(_report_rows(table, outputs, classes, shown))
-    if distributed():
+    if is_distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, evaluator.state())
         evaluator.reset()
@@ -351,7 +430,7 @@ def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa
 
 
 def _report_rows(table: pa.Table, outputs: list[dict], classes: list[str], shown: set[str]) -> pa.Table:
-    """A val batch's predictions as :data:`~detexp.reports.PREDICTION_SCHEMA` rows; only the
+    """A val batch's predictions as :data:`~detexp.evaluation.records.PREDICTION_SCHEMA` rows; only the
     ``shown`` images' pixels leave Arrow (to be drawn)."""
     columns = table.drop_columns(["image"]).to_pydict()
     pixels = table.column("image")
@@ -361,7 +440,7 @@ def _report_rows(table: pa.Table, outputs: list[dict], classes: list[str], shown
 
 def _gather_rows(rows: pa.Table | None) -> pa.Table | None:
     """Every rank's report rows on rank 0 (None elsewhere)."""
-    if not distributed():
+    if not is_distributed():
         return rows
     rank = dist.get_rank()
     gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
@@ -372,27 +451,15 @@ def _gather_rows(rows: pa.Table | None) -> pa.Table | None:
     return pa.concat_tables(parts) if parts else None
 
 
-def _report(metrics, model, optimizer, scheduler, config, epoch, best, scaler=None, predictions=None) -> None:
-    """Report the epoch's metrics, with a checkpoint from rank 0; ``predictions`` (the val
-    report rows of a new best epoch) go into the checkpoint as :data:`PREDICTIONS_FILE`."""
+def _report(metrics: dict[str, Any], checkpoint: dict[str, Any], predictions: pa.Table | None = None) -> None:
+    """Report the epoch's metrics, with rank 0's ``checkpoint`` dict saved as
+    :data:`CHECKPOINT_FILE`; ``predictions`` (the val report rows of a new best epoch) go
+    beside it as :data:`PREDICTIONS_FILE`."""
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "config": config,
-                "epoch": epoch,
-                "best": best,
-                "classes": list(config["dataset"]["classes"]),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-            },
-            Path(tmp) / CHECKPOINT_FILE,
-        )
+        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
         if predictions is not None:
             with pa.ipc.new_file(str(Path(tmp) / PREDICTIONS_FILE), predictions.schema) as out:
                 out.write_table(predictions)

@@ -1,6 +1,6 @@
 """The driver's view of a training run: one line per epoch for people, the same numbers
-into MLflow (each epoch once, also across resumes), the best epoch's checkpoint copied to
-``model_best.pt`` as soon as it is reported, and what worker failures mean."""
+into MLflow (each epoch once, also across resumes), rank 0's progress within an epoch,
+what worker failures mean, and the summary at the end."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from detexp.checkpoints import BEST_FILE, SavedCheckpoint, copy_checkpoint_file, read_predictions
+from detexp.epoch_report import CONTROL_KEYS, DIVERGED, IMPROVED, STOPPED_EARLY
 
 log = logging.getLogger("detexp")
 
 EPOCH_KEY = "epoch"  # MLflow metric logged with every epoch (step = the 0-based epoch)
 WAIT_NOTED = 0.1  # the epoch line says how long steps waited for data from this share on
-# Report keys that steer the driver rather than describe the epoch: not logged as metrics.
-_CONTROL_KEYS = ("epoch", "epochs_done", "improved", "stopped_early", "best/epoch", "best/value")
 
 
 class EpochProgress:
@@ -29,16 +27,18 @@ class EpochProgress:
 
     def __init__(
         self,
+        tracker,
+        *,
         epochs: int,
         max_failures: int,
-        tracker,
         logged: set[int],
-        previous: SavedCheckpoint | None,
+        previous: dict[str, Any] | None,
         callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-        run_dir: Path | None = None,
         monitor: str = "val/map_50",
         progress_every_s: float = 10.0,
     ):
+        """``logged``: the epochs the MLflow run holds already; ``previous``: the report of
+        the checkpoint a resumed run continues from (None: a new run)."""
         self.epochs = epochs
         self.max_failures = max_failures
         self.tracker = tracker
@@ -46,40 +46,36 @@ class EpochProgress:
         self.started = time.perf_counter()
         self.done = 0
         self.failures = 0
-        self.last: dict[str, Any] = previous.metrics if previous is not None else {}
-        self.last_epoch = previous.epoch if previous is not None else None
+        self.last: dict[str, Any] = dict(previous or {})
+        self.last_epoch = int(previous["epoch"]) if previous else None
         self.diverged: tuple[int, dict[str, Any]] | None = None
         self.callbacks = list(callbacks)
-        self.best_file = run_dir / BEST_FILE if run_dir is not None else None
         self.monitor = monitor
         self.best_metrics: dict[str, Any] = {}  # the report of the best epoch so far
-        self.best_predictions: Any = None  # its val predictions (a pyarrow Table), when seen here
         self.live = LiveProgress(epochs, every_s=progress_every_s)
 
-    def backfill(self, previous: SavedCheckpoint) -> None:
-        """Log the epochs whose checkpoint Ray kept but whose metrics never reached MLflow
-        (the previous process died between the two)."""
-        for checkpoint, metrics in previous.kept:
+    def backfill(self, kept: Sequence[dict[str, Any]]) -> None:
+        """Log the reports of kept checkpoints (oldest first) whose metrics never reached
+        MLflow (the previous process died between the two)."""
+        for metrics in kept:
             epoch = int(metrics["epoch"])
             if epoch not in self.logged:
                 self._log(epoch, metrics)
                 log.info("recorded epoch %d/%d from its checkpoint (the previous process stopped first)",
                          epoch + 1, self.epochs)
-            self._keep_best(metrics, checkpoint)
+            self._keep_best(metrics)
 
     def on_step(self, info: dict[str, Any]) -> None:
         self.live.update(info)
 
-    def on_report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
-        from detexp.worker import DIVERGED
-
+    def on_report(self, metrics: dict[str, Any]) -> None:
         self.live.close()
         epoch = int(metrics["epoch"])
         if DIVERGED in metrics:
             self.diverged = (epoch, metrics[DIVERGED])
             return
         self.last, self.last_epoch = metrics, epoch
-        self._keep_best(metrics, checkpoint)
+        self._keep_best(metrics)
         if epoch in self.logged:
             log.warning("epoch %d/%d was trained again after a restart; MLflow keeps its first record",
                         epoch + 1, self.epochs)
@@ -100,22 +96,18 @@ class EpochProgress:
             f" on {workers} workers" + (f", {int(metrics['train/nodes'])} nodes" if metrics.get("train/nodes", 1) > 1 else "")
             if workers > 1 else "",
             metrics.get("val/map", float("nan")),
-            metrics.get("val/map_50", float("nan")), " (best)" if metrics.get("improved") else "",
-            duration(0 if metrics.get("stopped_early") else eta),
+            metrics.get("val/map_50", float("nan")), " (best)" if metrics.get(IMPROVED) else "",
+            duration(0 if metrics.get(STOPPED_EARLY) else eta),
         )
         for callback in self.callbacks:
             callback(metrics)
 
-    def _keep_best(self, metrics: dict[str, Any], checkpoint: Any) -> None:
-        if metrics.get("improved"):
+    def _keep_best(self, metrics: dict[str, Any]) -> None:
+        if metrics.get(IMPROVED):
             self.best_metrics = metrics
-            # Read now: Ray Train may delete the folder later (checkpoints_to_keep).
-            self.best_predictions = read_predictions(checkpoint) if checkpoint is not None else None
-        if self.best_file is not None and metrics.get("improved") and checkpoint is not None:
-            copy_checkpoint_file(checkpoint, self.best_file)
 
     def _log(self, epoch: int, metrics: dict[str, Any]) -> None:
-        values = {k: v for k, v in metrics.items() if k not in _CONTROL_KEYS} | {EPOCH_KEY: epoch}
+        values = {k: v for k, v in metrics.items() if k not in CONTROL_KEYS} | {EPOCH_KEY: epoch}
         if metrics.get("best/value") is not None:
             values["best/epoch"] = metrics["best/epoch"]
             values["best/" + self.monitor.replace("/", "_")] = metrics["best/value"]
@@ -125,7 +117,7 @@ class EpochProgress:
     def stop_reason(self, patience: int | None) -> str:
         """Why the run ended, in words, from its last report."""
         last = self.last
-        if last.get("stopped_early"):
+        if last.get(STOPPED_EARLY):
             return (
                 f"early stop: {self.monitor} did not improve for {patience} epoch(s) after epoch "
                 f"{int(last['best/epoch']) + 1} ({last['best/value']:.4f}); trained {int(last['epoch']) + 1} "
@@ -192,7 +184,7 @@ class LiveProgress:
 
 
 def summary_table(
-    reason: str, progress: EpochProgress, monitor: str, final: Path | None, best: Path | None,
+    progress: EpochProgress, reason: str, *, final: Path | None, best: Path | None,
     tracker: Any, registered: tuple[str, str] | None,
 ) -> str:
     """The lines a user reads when ``train`` ends: why it stopped, the best epoch and its
@@ -200,7 +192,7 @@ def summary_table(
     rows = [("stopped", reason)]
     chosen = progress.best_metrics or progress.last
     if progress.best_metrics:
-        rows.append(("best epoch", f"{int(chosen['epoch']) + 1} of {progress.epochs} by {monitor}"))
+        rows.append(("best epoch", f"{int(chosen['epoch']) + 1} of {progress.epochs} by {progress.monitor}"))
     if "val/map" in chosen:
         rows.append(("val mAP", "  ".join(
             f"{k} {chosen[f'val/{k}']:.4f}" for k in ("map", "map_50", "voc07_map", "voc12_map") if f"val/{k}" in chosen

@@ -1,8 +1,7 @@
 """The training and inference loops: plain PyTorch on objects, no Ray, Hydra or MLflow.
 
-``train_one_epoch`` and ``predict`` take a model, an optimizer and an iterable of
-``(images, targets)`` batches, so they run the same under Ray Train, in a notebook or in
-a test.
+``train_one_epoch`` and ``predict_batch`` take a model (and an optimizer) and batches of
+images, so they run the same under Ray Train, in a notebook or in a test.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ def check_targets(targets: Iterable[dict]) -> None:
             )
 
 
-def distributed() -> bool:
+def is_distributed() -> bool:
     """Whether this process is one of several DDP ranks."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -144,7 +143,7 @@ def distributed() -> bool:
 def all_ranks(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on every rank (one scalar all-reduce; the flag itself
     without DDP). Every rank must call it at the same point."""
-    if not distributed():
+    if not is_distributed():
         return flag
     value = torch.tensor(1.0 if flag else 0.0, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
@@ -160,7 +159,7 @@ def _raise_if_any_rank_diverged(values: dict[str, float], device: torch.device, 
     """
     if all_ranks(math.isfinite(values["loss"]), device):
         return
-    if not distributed():
+    if not is_distributed():
         raise NonFiniteLossError(epoch, step, values)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, values)
@@ -169,41 +168,8 @@ def _raise_if_any_rank_diverged(values: dict[str, float], device: torch.device, 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def predict_batch(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Detections for ``images`` (boxes in the input's pixel coordinates), moved to CPU."""
     model.eval()
     outputs = model(images)
     return [{k: v.detach().cpu() for k, v in out.items()} for out in outputs]
-
-
-class BestEpoch:
-    """The best epoch by a monitored value, and early stopping after ``patience`` epochs
-    without a strict improvement (None = never). State travels in checkpoints, so a
-    resumed run keeps counting where it stopped."""
-
-    def __init__(self, mode: str = "max", patience: int | None = None):
-        self.mode, self.patience = mode, patience
-        self.epoch: int | None = None  # 0-based
-        self.value: float | None = None
-        self.bad_epochs = 0
-
-    def update(self, epoch: int, value: float | None) -> bool:
-        """Record ``epoch``'s value; True when it is the new best. A missing or NaN value
-        is never the best (and counts as an epoch without improvement)."""
-        finite = value is not None and math.isfinite(value)
-        if finite and (self.value is None or (value > self.value if self.mode == "max" else value < self.value)):
-            self.epoch, self.value, self.bad_epochs = epoch, float(value), 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "value": self.value, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if state:
-            self.epoch, self.value, self.bad_epochs = state["epoch"], state["value"], state["bad_epochs"]

@@ -24,12 +24,13 @@ from hydra.experimental.callback import Callback
 
 log = logging.getLogger("detexp")
 
+
 SUMMARY_COLUMNS = ("job", "overrides", "status", "best_value", "best_epoch", "epochs", "run_id", "error")
 
 
 @dataclass
 class _Sweep:
-    tracker: Any  # detexp.tracking.Tracker of the parent run
+    tracker: Any  # detexp.tracking.mlflow_runs.Tracker of the parent run
     run_id: str
     sweep_dir: Path
     metric: str
@@ -55,7 +56,7 @@ class MultirunTracking(Callback):
         global _current
         from omegaconf import OmegaConf
 
-        from detexp.tracking import Tracker, default_tags
+        from detexp.tracking.mlflow_runs import Tracker, default_tags
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         overrides = list(config.hydra.overrides.task)

@@ -15,16 +15,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from detexp.checkpoints import (
-    BEST_FILE,
-    FINAL_FILE,
-    RUN_ID_FILE,
-    copy_checkpoint_file,
+from detexp.checkpoint.files import FINAL_FILE, RUN_ID_FILE, BestModelFile, copy_checkpoint_file
+from detexp.checkpoint.storage import (
+    RunStorage,
+    SavedCheckpoint,
     latest_checkpoint,
     storage_location,
 )
@@ -37,18 +37,24 @@ from detexp.data.problems import (
 )
 from detexp.data.source import DataSource, resolve
 from detexp.data.voc import Problem
+from detexp.epoch_report import BEST_EPOCH, EPOCHS_DONE, STOPPED_EARLY
 from detexp.errors import ConfigError, DetexpError, TrainingDivergedError
-from detexp.progress import EPOCH_KEY, EpochProgress, summary_table
+from detexp.tracking.progress import EPOCH_KEY, EpochProgress, summary_table
+
+if TYPE_CHECKING:
+    from detexp.distributed.worker_loop import WorkerPlan
+    from detexp.tracking.mlflow_runs import Tracker
 
 log = logging.getLogger("detexp")
+
 
 ON_ERROR = ("skip", "raise")
 
 
 def check_train_config(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express; all run before Ray starts."""
-    from detexp.models import check_model_config  # torch: not needed by `data check`
-    from detexp.optim import check_optim_config
+    from detexp.engine.solver import check_optim_config
+    from detexp.modeling.detector import check_model_config
 
     check_model_config(cfg.model)
     check_optim_config(cfg.optimizer, cfg.schedule)
@@ -86,6 +92,29 @@ def check_train_config(cfg: DictConfig) -> None:
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
+@dataclass(frozen=True)
+class TrainRun:
+    """One train run as settled before Ray starts: where it writes, what it continues, and
+    the config its workers train with."""
+
+    cfg: DictConfig
+    dir: Path
+    storage: RunStorage  # Ray Train's checkpoints of the run
+    previous: SavedCheckpoint | None  # the checkpoint a resumed run continues from
+    tracker: Tracker
+    params: dict[str, Any]  # logged as MLflow params: the resolved config and the scaled lr
+    worker_cfg: dict[str, Any]  # what the workers (and the checkpoints' stored config) train with
+    tags: dict[str, str]
+    overrides: list[str]
+    weights: list[Path]  # torchvision weight files the workers load
+
+    @property
+    def finished(self) -> bool:
+        """All epochs trained, or stopped early, already: nothing to train."""
+        last = self.previous
+        return last is not None and (last.epoch + 1 >= self.cfg.schedule.epochs or bool(last.metrics.get(STOPPED_EARLY)))
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -111,17 +140,45 @@ def train(
     without it such a ``run_dir`` is refused rather than overwritten. Raises
     :class:`TrainingDivergedError` when the loss becomes NaN/inf (the MLflow run is then
     FAILED and the last good checkpoint stays)."""
-    from detexp import launch
-    from detexp.evaluate import GRID_IMAGES
-    from detexp.models import weight_files
-    from detexp.optim import scaled_lr
-    from detexp.tracking import Tracker, default_tags
-
     check_train_config(cfg)
-    run_dir = Path(run_dir).resolve()
-    storage, train_name = storage_location(cfg.scaling.storage_path, run_dir)
-    experiment = f"{storage}/{train_name}"
-    previous = latest_checkpoint(experiment)
+    run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
+    if run.finished:  # nothing to train: no Ray, no data
+        return _report_finished(run, callbacks)
+    source = resolve(cfg.dataset)
+    if cfg.schedule.patience is not None and not source.val_ids:
+        raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
+    datasets, counts = _start_ray_and_read(run, source)
+    run_id = _open_tracking(run, counts)
+    progress, best_model = _driver_views(run, callbacks)
+    if run.previous is not None:
+        log.info(
+            "resuming from the checkpoint of epoch %d/%d (%s): training continues with epoch %d/%d "
+            "in MLflow run %s", run.previous.epoch + 1, cfg.schedule.epochs, run.previous.checkpoint.path,
+            run.previous.epoch + 2, cfg.schedule.epochs, run_id,
+        )
+    elif cfg.resume:
+        log.info("resume=true, but %s holds no checkpoint yet: starting at epoch 1", run.dir)
+    result = _fit(run, _worker_plan(run, source, counts), datasets, progress, best_model,
+                  ray_callbacks=ray_callbacks, live_progress=live_progress)
+    if progress.diverged is not None:
+        run.tracker.end("FAILED")
+        raise _diverged(progress.diverged, result.checkpoint, cfg.schedule.epochs, run.storage.experiment)
+    if source.val_ids and cfg.eval_at_end:  # per-class AP, PR curves, image grid of the best model
+        from detexp.commands.evaluate import report_training
+
+        report_training(cfg, best_model.existing() or result.checkpoint, run.dir, run.tracker, best_model.predictions)
+    return _finish(run, run_id, result.checkpoint, progress)
+
+
+def _plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str], tags: Mapping[str, str] | None) -> TrainRun:
+    """Where the run writes and what it continues; the weights and the MLflow store
+    checked. Refuses a run directory that holds checkpoints unless ``resume`` is set."""
+    from detexp.engine.solver import scaled_lr
+    from detexp.modeling.detector import weight_files
+    from detexp.tracking.mlflow_runs import Tracker, default_tags
+
+    storage = storage_location(cfg.scaling.storage_path, run_dir)
+    previous = latest_checkpoint(storage.experiment)
     if previous is not None and not cfg.resume:
         raise ConfigError(
             f"{run_dir} already holds a run's checkpoints (last: epoch {previous.epoch + 1}); "
@@ -131,128 +188,149 @@ def train(
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # refuses a dead server early
     resolved = OmegaConf.to_container(cfg, resolve=True)
     lr = scaled_lr(cfg.optimizer, cfg.scaling.num_workers, cfg.dataset.batch_size)
-    params = {**resolved, "optimizer": {**resolved["optimizer"], "scaled_lr": lr}}
-    # The workers (and the checkpoints' stored config) get the lr they train with.
-    worker_cfg = {**resolved, "optimizer": {**resolved["optimizer"], "lr": lr, "reference_batch": None}}
-    run_tags = {**default_tags("train", list(overrides)), **(tags or {})}
-    epochs = cfg.schedule.epochs
-    finished = previous is not None and (previous.epoch + 1 >= epochs or previous.metrics.get("stopped_early"))
-    if finished:  # nothing to train: no Ray, no data
-        run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags, overrides)
-        progress = _progress(cfg, tracker, previous, callbacks, run_dir)
-        progress.backfill(previous)
-        if previous.metrics.get("stopped_early"):
-            log.info("the run in %s stopped early after epoch %d/%d (schedule.patience); nothing to train.",
-                     run_dir, previous.epoch + 1, epochs)
-        else:
-            log.info(
-                "the run in %s has finished all %d epochs already (its last checkpoint is of epoch %d); "
-                "nothing to train. Raise schedule.epochs to train it longer.", run_dir, epochs, previous.epoch + 1,
-            )
-        return _finish(tracker, run_id, previous.checkpoint, run_dir, progress, cfg)
-    source = resolve(cfg.dataset)
-    if cfg.schedule.patience is not None and not source.val_ids:
-        raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
-
-    launch.init_ray(cfg.ray.address, cfg.ray.verbose)
-    launch.check_resources(cfg.scaling)
-    launch.check_storage(storage, source.root)  # every node that may host a worker reaches both
-    datasets, counts, problems = _load_datasets(cfg, source)
-    _apply_error_policy(cfg, problems, run_dir, source)
-    rows_per_worker = counts["data/train_images"] // cfg.scaling.num_workers
-    if rows_per_worker == 0:
-        raise ConfigError(
-            f"{counts['data/train_images']} usable training images cannot feed "
-            f"scaling.num_workers={cfg.scaling.num_workers} workers"
-        )
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_id = _start_or_resume_run(tracker, cfg, params, run_dir, run_tags, overrides)
-    if cfg.tracking.system_metrics:
-        tracker.monitor_system()
-    if not tracker.logged_steps("data/train_images"):  # once per run, not per resume
-        tracker.log_metrics(counts, step=0)
-    for name in ("config.yaml", "data/skipped.csv"):
-        if (run_dir / name).exists():
-            tracker.log_artifact(run_dir / name, str(Path(name).parent) if "/" in name else None)
-
-    progress = _progress(cfg, tracker, previous, callbacks, run_dir)
-    if previous is not None:
-        progress.backfill(previous)
-        log.info(
-            "resuming from the checkpoint of epoch %d/%d (%s): training continues with epoch %d/%d "
-            "in MLflow run %s", previous.epoch + 1, epochs, previous.checkpoint.path,
-            previous.epoch + 2, epochs, run_id,
-        )
-    elif cfg.resume:
-        log.info("resume=true, but %s holds no checkpoint yet: starting at epoch 1", run_dir)
-
     if cfg.optimizer.reference_batch is not None:
         log.info(
             "lr %g is for %d images a step (optimizer.reference_batch); %d worker(s) x %d images: lr %g",
             cfg.optimizer.lr, cfg.optimizer.reference_batch, cfg.scaling.num_workers, cfg.dataset.batch_size, lr,
         )
-    loop_config = {
-        "cfg": worker_cfg,
-        "steps_per_epoch": math.ceil(rows_per_worker / cfg.dataset.batch_size),
-        "shown": sorted(source.val_ids)[:GRID_IMAGES] if cfg.eval_at_end else [],  # drawn in the report's predictions grid
-        "weights": launch.share_files(weights),  # nodes without them get them from the object store
-    }
+    return TrainRun(
+        cfg=cfg, dir=run_dir, storage=storage, previous=previous, tracker=tracker,
+        params={**resolved, "optimizer": {**resolved["optimizer"], "scaled_lr": lr}},
+        worker_cfg={**resolved, "optimizer": {**resolved["optimizer"], "lr": lr, "reference_batch": None}},
+        tags={**default_tags("train", overrides), **(tags or {})}, overrides=overrides, weights=weights,
+    )
+
+
+def _report_finished(run: TrainRun, callbacks: Sequence[EpochCallback]) -> dict[str, Any]:
+    """A resumed run that has nothing left to train: its MLflow run completed and ended."""
+    previous, epochs = run.previous, run.cfg.schedule.epochs
+    run_id = _start_or_resume_run(run)
+    progress, _ = _driver_views(run, callbacks)
+    if previous.metrics.get(STOPPED_EARLY):
+        log.info("the run in %s stopped early after epoch %d/%d (schedule.patience); nothing to train.",
+                 run.dir, previous.epoch + 1, epochs)
+    else:
+        log.info(
+            "the run in %s has finished all %d epochs already (its last checkpoint is of epoch %d); "
+            "nothing to train. Raise schedule.epochs to train it longer.", run.dir, epochs, previous.epoch + 1,
+        )
+    return _finish(run, run_id, previous.checkpoint, progress)
+
+
+def _start_ray_and_read(run: TrainRun, source: DataSource) -> tuple[dict[str, Any], dict[str, int]]:
+    """Ray started and checked, the annotations read and the error policy applied: the
+    train/val datasets and their image counts (all before any training)."""
+    from detexp.distributed import cluster
+
+    cfg = run.cfg
+    cluster.init_ray(cfg.ray.address, cfg.ray.verbose)
+    cluster.check_resources(cfg.scaling)
+    cluster.check_storage(run.storage.path, source.root)  # every node that may host a worker reaches both
+    datasets, counts, problems = _load_datasets(cfg, source)
+    _apply_error_policy(cfg, problems, run.dir, source)
+    if counts["data/train_images"] // cfg.scaling.num_workers == 0:
+        raise ConfigError(
+            f"{counts['data/train_images']} usable training images cannot feed "
+            f"scaling.num_workers={cfg.scaling.num_workers} workers"
+        )
+    return datasets, counts
+
+
+def _open_tracking(run: TrainRun, counts: dict[str, int]) -> str:
+    """The resolved config written, the MLflow run started (or resumed) with the data
+    counts and the run's files; returns its id."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
+    run_id = _start_or_resume_run(run)
+    tracker = run.tracker
+    if run.cfg.tracking.system_metrics:
+        tracker.monitor_system()
+    if not tracker.logged_steps("data/train_images"):  # once per run, not per resume
+        tracker.log_metrics(counts, step=0)
+    for name in ("config.yaml", "data/skipped.csv"):
+        if (run.dir / name).exists():
+            tracker.log_artifact(run.dir / name, str(Path(name).parent) if "/" in name else None)
+    return run_id
+
+
+def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback]) -> tuple[EpochProgress, BestModelFile]:
+    """The console/MLflow progress and the run's ``model_best.pt``, both brought up to date
+    with the checkpoints a resumed run keeps. Call after the MLflow run has started."""
+    cfg = run.cfg
+    progress = EpochProgress(
+        run.tracker, epochs=cfg.schedule.epochs, max_failures=cfg.scaling.max_failures,
+        logged=run.tracker.logged_steps(EPOCH_KEY), previous=run.previous.metrics if run.previous else None,
+        callbacks=callbacks, monitor=cfg.schedule.monitor, progress_every_s=cfg.progress_every_s,
+    )
+    best_model = BestModelFile(run.dir)
+    if run.previous is not None:
+        progress.backfill([metrics for _, metrics in run.previous.kept])
+        for checkpoint, metrics in run.previous.kept:
+            best_model.update(metrics, checkpoint)
+    return progress, best_model
+
+
+def _worker_plan(run: TrainRun, source: DataSource, counts: dict[str, int]) -> WorkerPlan:
+    from detexp.commands.evaluate import GRID_IMAGES
+    from detexp.distributed.cluster import share_files
+    from detexp.distributed.worker_loop import WorkerPlan
+
+    cfg = run.cfg
+    rows_per_worker = counts["data/train_images"] // cfg.scaling.num_workers
+    plan = WorkerPlan(
+        cfg=run.worker_cfg,
+        steps_per_epoch=math.ceil(rows_per_worker / cfg.dataset.batch_size),
+        shown=tuple(sorted(source.val_ids)[:GRID_IMAGES]) if cfg.eval_at_end else (),  # drawn in the report's grid
+        weights=share_files(run.weights),  # nodes without them get them from the object store
+    )
     log.info(
         "training %s on %d images (%d val) with %d worker(s), %d epochs; run dir %s",
         cfg.model.name, counts["data/train_images"], counts["data/val_images"],
-        cfg.scaling.num_workers, epochs, run_dir,
+        cfg.scaling.num_workers, cfg.schedule.epochs, run.dir,
     )
+    return plan
+
+
+def _fit(run: TrainRun, plan: WorkerPlan, datasets: dict[str, Any], progress: EpochProgress,
+         best_model: BestModelFile, *, ray_callbacks: Sequence[Any], live_progress: bool):
+    """The Ray Train fit, each report handed to ``best_model`` and ``progress`` as it comes;
+    a failure ends the MLflow run and is explained in one line."""
+    from detexp.distributed.trainer import DriverCallbacks, fit
+
+    cfg = run.cfg
+
+    def on_report(metrics: dict[str, Any], checkpoint: Any) -> None:
+        best_model.update(metrics, checkpoint)
+        progress.on_report(metrics)
+
+    driver = DriverCallbacks(on_report, progress.on_failure, progress.on_step if live_progress else None)
     try:
-        result = launch.fit(
-            loop_config, datasets, cfg.scaling, storage, train_name, cfg.checkpoints_to_keep,
-            progress.on_report, progress.on_failure, ray_callbacks,
-            on_step=progress.on_step if live_progress else None,
-        )
+        return fit(plan, datasets, cfg.scaling, run.storage, driver, keep=cfg.checkpoints_to_keep, callbacks=ray_callbacks)
     except BaseException as exc:
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise _explain(exc, run_dir, experiment) from None
-
-    if progress.diverged is not None:
-        tracker.end("FAILED")
-        raise _diverged(progress.diverged, result.checkpoint, epochs, experiment)
-    if source.val_ids and cfg.eval_at_end:  # per-class AP, PR curves, image grid of the best model
-        from detexp.evaluate import report_training
-
-        best = run_dir / BEST_FILE
-        report_training(
-            cfg, best if best.is_file() else result.checkpoint, run_dir, tracker, progress.best_predictions,
-        )
-    return _finish(tracker, run_id, result.checkpoint, run_dir, progress, cfg)
+        run.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise _explain(exc, run.dir, run.storage.experiment) from None
 
 
-def _progress(cfg: DictConfig, tracker, previous, callbacks, run_dir: Path) -> EpochProgress:
-    return EpochProgress(
-        cfg.schedule.epochs, cfg.scaling.max_failures, tracker, tracker.logged_steps(EPOCH_KEY), previous,
-        callbacks, run_dir, cfg.schedule.monitor, cfg.progress_every_s,
-    )
-
-
-def _finish(tracker, run_id: str, checkpoint, run_dir: Path, progress: EpochProgress, cfg: DictConfig) -> dict[str, Any]:
+def _finish(run: TrainRun, run_id: str, checkpoint, progress: EpochProgress) -> dict[str, Any]:
     """Copy and log the final (and best) checkpoint, say why the run stopped, end the MLflow run."""
-    final = copy_checkpoint_file(checkpoint, run_dir / FINAL_FILE) if checkpoint is not None else None
-    best = run_dir / BEST_FILE if (run_dir / BEST_FILE).is_file() else None
+    cfg, tracker = run.cfg, run.tracker
+    final = copy_checkpoint_file(checkpoint, run.dir / FINAL_FILE) if checkpoint is not None else None
+    best = BestModelFile(run.dir).existing()
     for path in (final, best):
         if path is not None:
             tracker.log_artifact(path, "checkpoints")
     metrics = progress.last
     reason = progress.stop_reason(cfg.schedule.patience)
     tags = {"detexp.stop_reason": reason}
-    if metrics.get("best/epoch") is not None:
-        tags["detexp.best_epoch"] = str(int(metrics["best/epoch"]) + 1)
+    if metrics.get(BEST_EPOCH) is not None:
+        tags["detexp.best_epoch"] = str(int(metrics[BEST_EPOCH]) + 1)
     tracker.set_tags(tags)
     registered = _register(tracker, cfg, best or final)
     tracker.end("FINISHED")
-    log.info("%s", summary_table(reason, progress, cfg.schedule.monitor, final, best, tracker, registered))
+    log.info("%s", summary_table(progress, reason, final=final, best=best, tracker=tracker, registered=registered))
     return {
         **metrics, "run_id": run_id, "checkpoint": str(final) if final else None,
-        "best_checkpoint": str(best) if best else None, "epochs_trained": int(metrics.get("epochs_done", 0)),
+        "best_checkpoint": str(best) if best else None, "epochs_trained": int(metrics.get(EPOCHS_DONE, 0)),
         "stop_reason": reason, "registered_model": "models:/{}/{}".format(*registered) if registered else None,
     }
 
@@ -263,7 +341,8 @@ def _register(tracker, cfg: DictConfig, checkpoint: Path | None) -> tuple[str, s
     name = cfg.tracking.register_model
     if not name or checkpoint is None:
         return None
-    from detexp.models import build_inference_model, load_model_state, load_weights
+    from detexp.modeling.detector import build_inference_model
+    from detexp.modeling.weights import load_model_state, load_weights
 
     try:
         num_classes = len(cfg.dataset.classes) + 1
@@ -328,17 +407,19 @@ def _apply_error_policy(cfg: DictConfig, problems: list[Problem], run_dir: Path,
     )
 
 
-def _start_or_resume_run(tracker, cfg, resolved, run_dir: Path, tags: Mapping[str, str], overrides: Sequence[str]) -> str:
-    from detexp.tracking import command_line, default_run_name
+def _start_or_resume_run(run: TrainRun) -> str:
+    from detexp.tracking.mlflow_runs import command_line, default_run_name
 
-    id_file = run_dir / RUN_ID_FILE
-    if cfg.resume and id_file.exists():
-        run_id = tracker.resume(id_file.read_text().strip())
+    id_file = run.dir / RUN_ID_FILE
+    if run.cfg.resume and id_file.exists():
+        run_id = run.tracker.resume(id_file.read_text().strip())
         log.info("resuming MLflow run %s", run_id)
         return run_id
-    if cfg.resume and (run_dir / "checkpoints").exists():
-        log.warning("no %s in %s: the resumed training goes into a new MLflow run", RUN_ID_FILE, run_dir)
-    run_id = tracker.start(default_run_name(cfg), resolved, tags, description=command_line("train", overrides))
+    if run.cfg.resume and (run.dir / "checkpoints").exists():
+        log.warning("no %s in %s: the resumed training goes into a new MLflow run", RUN_ID_FILE, run.dir)
+    run_id = run.tracker.start(
+        default_run_name(run.cfg), run.params, run.tags, description=command_line("train", run.overrides)
+    )
     id_file.write_text(run_id)
     return run_id
 
@@ -347,7 +428,7 @@ def _explain(exc: BaseException, run_dir: Path, experiment: str) -> BaseExceptio
     """Turn a Ray Train failure into one line that says what happened and what was kept."""
     from ray.train import TrainingFailedError
 
-    from detexp.controller import describe_failure
+    from detexp.distributed.controller import describe_failure
 
     if not isinstance(exc, TrainingFailedError):
         return exc

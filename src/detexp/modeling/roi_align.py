@@ -5,7 +5,7 @@ torchvision's CPU ``roi_align`` loops over every RoI, channel and sample point i
 thread, and its backward scatters one float at a time: with the default's 256 RoIs a batch
 on two 20x20 and 10x10 maps of 256 channels it took 45 ms forward and 335 ms backward,
 about a quarter of a training step (2026-11-27, 2 cores). Each output bin of RoIAlign
-is a weighted sum of a few feature-map positions: ``sampling_ratio``\u00b2 sample points, each
+is a weighted sum of a few feature-map positions: ``sampling_ratio``² sample points, each
 a bilinear mix of its 4 neighbours. With the maps laid out as rows of channels (one row
 per position, which channels-last memory already is), that is ``F.embedding_bag`` with
 per-sample weights: a vectorised, multi-threaded sum of whole rows, and its backward adds

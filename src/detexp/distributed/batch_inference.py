@@ -31,12 +31,17 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from detexp.models import build_inference_model, fold_batch_norms, load_weights
-from detexp.reports import prediction_table
+from detexp.evaluation.records import prediction_table
+from detexp.modeling.batchnorm import fold_batch_norms
+from detexp.modeling.detector import build_inference_model
+from detexp.modeling.weights import load_weights
 
 log = logging.getLogger("detexp")
 
+
 PROGRESS_EVERY_S = 30.0
+
+
 # Images per Ray Data block, in inference batches. A block is one predictor task, and its
 # results reach the driver when the task ends: small blocks keep every actor of the pool
 # busy and the results streaming. (The annotation reader makes blocks of hundreds of
@@ -85,7 +90,7 @@ class Predictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from detexp.data.pipeline import batch_to_tensors
-        from detexp.engine import predict
+        from detexp.engine.loops import predict_batch
 
         rows = batch.to_pydict()
         n = len(rows["image_id"])
@@ -95,7 +100,7 @@ class Predictor:
         if usable:
             keys = ("image", "image_shape", "boxes", "labels", "difficult", "image_id")
             images, _ = batch_to_tensors({k: [rows[k][i] for i in usable] for k in keys}, self.device)
-            for i, out in zip(usable, predict(self.model, images), strict=True):
+            for i, out in zip(usable, predict_batch(self.model, images), strict=True):
                 keep = out["scores"] >= self.min_score
                 outputs[i] = {k: v[keep] for k, v in out.items()}
         return prediction_table(rows, outputs, self.classes, self.draw, self.draw_threshold, errors)

@@ -18,7 +18,11 @@ import torch
 from detexp.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
 SCHEDULES = ("multistep", "cosine")
+
+
 # Devices torch's fused SGD and AdamW run on (CPU since torch 2.4).
 FUSED_DEVICES = ("cpu", "cuda")
 

@@ -11,17 +11,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from detexp.checkpoints import prepare_inference
-from detexp.errors import ConfigError
-from detexp.inference import (
+from detexp.checkpoint.effective_config import prepare_inference
+from detexp.distributed.batch_inference import (
     BATCHES_PER_BLOCK,
     decode_files,
     prediction_records,
     run_predictor,
     write_jsonl,
 )
+from detexp.errors import ConfigError
 
 log = logging.getLogger("detexp")
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -53,8 +54,8 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     the file's path relative to the input folder, without its suffix)."""
     import ray
 
-    from detexp import launch
-    from detexp.tracking import Tracker, command_line, default_run_name, inference_tags
+    from detexp.distributed import cluster
+    from detexp.tracking.mlflow_runs import Tracker, command_line, default_run_name, inference_tags
 
     ckpt, eff, state = prepare_inference(cfg, overrides)
     folder, files = list_images(cfg.input)
@@ -63,8 +64,8 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     annotated = run_dir / "annotated"
     annotated.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(eff))
-    launch.init_ray(eff.ray.address, eff.ray.verbose)
-    launch.check_resources(eff.scaling)
+    cluster.init_ray(eff.ray.address, eff.ray.verbose)
+    cluster.check_resources(eff.scaling)
     run_id = tracker.start(
         default_run_name(eff, "predict-"), OmegaConf.to_container(eff, resolve=True),
         inference_tags("predict", overrides, ckpt.path, ckpt.train_run_id),

@@ -3,7 +3,7 @@ train and val splits on the console and in ``label_stats.json``, their plots in
 ``label_stats.png``, and ``gt_grid.jpg``: images with their ground-truth boxes drawn.
 
 The counting is :mod:`detexp.data.show` (pure, data layer); this module reads the images
-and draws, with :mod:`detexp.reports` for the boxes and the grid, which is why it sits
+and draws, with :mod:`detexp.evaluation.figures` for the boxes and the grid, which is why it sits
 above the data layer rather than in it. No Ray: one loop over the annotations, reading
 only JPEG headers, runs in seconds even for Pascal VOC.
 """
@@ -32,10 +32,20 @@ from detexp.data.voc import Problem, VOCRecord, image_path
 from detexp.errors import ConfigError
 
 STATS_FILE = "label_stats.json"
+
+
 PLOT_FILE = "label_stats.png"
+
+
 GRID_FILE = "gt_grid.jpg"
+
+
 PROBLEMS_FILE = "problems.csv"
+
+
 GRID_COLUMNS = 4
+
+
 GRID_TILE = 320  # px, as the evaluation's predictions_grid.jpg
 
 
@@ -84,14 +94,11 @@ def _read_splits(source: DataSource, split_ids: dict[str, list[str]]) -> tuple[d
     return records, problems
 
 
-# --------------------------------------------------------------------------- drawing
-
-
 def draw_gt_grid(root: Path, records: list[VOCRecord], classes: list[str]) -> Image.Image:
     """The images of ``records`` with their boxes in class colours and names (difficult
     ones as thin white boxes, as ground truth is drawn under predictions elsewhere), each
     captioned with its id, tiled GRID_COLUMNS wide."""
-    from detexp.reports import draw_detections, image_grid
+    from detexp.evaluation.figures import draw_detections, image_grid
 
     tiles = []
     for record in records:
@@ -124,7 +131,7 @@ def plot_label_stats(stats: dict, path: Path) -> Path:
     """label_stats.png: objects per class (counts), and objects per image, box size and
     aspect ratio as each split's share, so train and val compare at a glance whatever
     their sizes. One bar per split side by side; matplotlib's Agg canvas on a fresh Figure,
-    as in detexp.reports."""
+    as in detexp.evaluation.figures."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

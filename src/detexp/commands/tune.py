@@ -1,7 +1,7 @@
 """``detexp tune``: a Ray Tune search over train config keys, each trial a full train run.
 
 The Train V2 pattern: the Tune trainable is a function (:func:`_run_trial`) that applies
-the sampled values to the train config and calls :func:`detexp.train.train` inside the
+the sampled values to the train config and calls :func:`detexp.commands.train.train` inside the
 trial, with Ray Train's ``TuneReportCallback`` so that every epoch's report reaches Tune
 (and ASHA) as one result. Each trial is its own train run: its run directory is
 ``<tune dir>/trials/<trial id>`` and its MLflow run is a child of the tune's parent run.
@@ -27,23 +27,29 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig
 from detexp.errors import ConfigError, ResourceError
-from detexp.search_space import apply_sample, check_search_space, param_space, search_space
 
 log = logging.getLogger("detexp")
 
+
 SEARCHES = ("random", "grid", "optuna")
+
+
 SCHEDULERS = ("asha", "fifo")
+
+
 # The trial actor only waits on its Train run (and logs to MLflow), so it reserves a token
 # share of a CPU: Tune also places trials that wait for their turn, and a whole CPU each
 # would take the one the data pipeline needs, stalling the running trial.
 TRIAL_CPUS = 0.01
+
+
 EXPERIMENT = "tune"  # Tune's experiment folder inside the run directory
+
+
 TIME_ATTR = "epochs_done"  # what ASHA counts: epochs trained, also across a resume
-
-
-# -- resources ----------------------------------------------------------------------------------
 
 
 def trial_resources(scaling: Any) -> tuple[float, int]:
@@ -72,15 +78,12 @@ def max_concurrent_trials(scaling: Any, cluster: Mapping[str, float], data_cpus:
     return fits
 
 
-# -- one trial ----------------------------------------------------------------------------------
-
-
 def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str, parent_run_id: str) -> None:
     """The Tune trainable: one train run with the sampled values (runs in the trial actor)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from detexp.train import train
+    from detexp.commands.train import train
 
     trial_id = tune.get_context().get_trial_id()
     cfg, overrides = apply_sample(base, sample, space)
@@ -99,7 +102,7 @@ def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str
 def absolute_paths(cfg: DictConfig) -> DictConfig:
     """``cfg`` with every relative path made absolute against this process's directory:
     trials run in other processes (and on other nodes), which must find the same files."""
-    from detexp.tracking import resolve_uri
+    from detexp.tracking.mlflow_runs import resolve_uri
 
     cfg = cfg.copy()
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
@@ -110,13 +113,10 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-# -- the command --------------------------------------------------------------------------------
-
-
 def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     """Everything that can be refused before Ray starts; returns the train part of the
     config (absolute paths) and the search space."""
-    from detexp.train import check_train_config
+    from detexp.commands.train import check_train_config
 
     t = cfg.tune
     for key, value, choices in (("search", t.search, SEARCHES), ("scheduler", t.scheduler, SCHEDULERS)):
@@ -152,10 +152,10 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     import ray
     from ray import tune as ray_tune
 
-    from detexp import launch
-    from detexp.checkpoints import RUN_ID_FILE
-    from detexp.models import weight_files
-    from detexp.tracking import Tracker, default_tags
+    from detexp.checkpoint.files import RUN_ID_FILE
+    from detexp.distributed import cluster
+    from detexp.modeling.detector import weight_files
+    from detexp.tracking.mlflow_runs import Tracker, default_tags
 
     base, space = check_tune_config(cfg)
     t = cfg.tune
@@ -168,9 +168,9 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
         )
     weight_files(base.model)  # in the cache (or downloaded) before any trial starts
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
-    launch.init_ray(base.ray.address, base.ray.verbose)
-    launch.check_resources(base.scaling)
-    fits = max_concurrent_trials(base.scaling, ray.cluster_resources(), launch.DATA_CPUS)
+    cluster.init_ray(base.ray.address, base.ray.verbose)
+    cluster.check_resources(base.scaling)
+    fits = max_concurrent_trials(base.scaling, ray.cluster_resources(), cluster.DATA_CPUS)
     concurrent = min(t.max_concurrent_trials or fits, fits)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,11 +254,8 @@ def _tune_config(t: Any, base: DictConfig, concurrent: int):
     )
 
 
-# -- watching trials from the driver -------------------------------------------------------------
-
-
 def _trial_run_id(run_dir: Path, trial_id: str) -> str | None:
-    from detexp.checkpoints import RUN_ID_FILE
+    from detexp.checkpoint.files import RUN_ID_FILE
 
     path = run_dir / "trials" / trial_id / RUN_ID_FILE
     return path.read_text().strip() if path.is_file() else None
@@ -321,7 +318,7 @@ class TrialWatcher(_tune_callback_base()):
 
 
 def _finish(grid, watcher: TrialWatcher, tracker, parent: str, base: DictConfig, space, run_dir: Path, t, seconds: float):
-    from detexp.sweeps import write_summary
+    from detexp.commands.multirun import write_summary
 
     rows = []
     for result in grid:

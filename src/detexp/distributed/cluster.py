@@ -1,5 +1,5 @@
-"""Ray plumbing on the driver: start or join a cluster quietly, refuse impossible
-resource requests, and run the TorchTrainer while streaming per-epoch results back.
+"""Ray on the driver: start or join a cluster quietly, refuse resource requests it cannot
+meet and storage its nodes cannot reach, and ship files every node needs.
 """
 
 from __future__ import annotations
@@ -7,27 +7,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import UserCallback
-from ray.train.torch import TorchTrainer
-from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from detexp.controller import ForwardReports, ValidationNotDropped
 from detexp.errors import ResourceError
-from detexp.worker import train_loop_per_worker
-
-log = logging.getLogger(__name__)
 
 # Logical CPUs a local Ray keeps beyond the train workers, so that the Ray Data tasks
 # that decode images always get scheduled (with none left, the pipeline would stall).
 DATA_CPUS = 1
+
 
 # glibc malloc settings for the processes of a local Ray (a user's own values win). Ray
 # Train runs the training loop in a thread other than the main one; glibc gives such a
@@ -187,77 +179,3 @@ def share_files(paths: list[Any]) -> dict[str, Any]:
     if len(_worker_nodes()) < 2:
         return {}
     return {Path(p).name: [ray.put(Path(p).read_bytes())] for p in paths}
-
-
-def fit(
-    train_loop_config: dict[str, Any],
-    datasets: dict[str, ray.data.Dataset],
-    scaling: Any,
-    storage_path: str,
-    name: str,
-    keep: int,
-    on_report: Callable[[dict[str, Any], ray.train.Checkpoint | None], None],
-    on_failure: Callable[[int, str], None] | None = None,
-    callbacks: Sequence[UserCallback] = (),
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> ray.train.Result:
-    """Run the TorchTrainer; ``on_report(metrics, checkpoint)`` is called on the
-    driver for every epoch, as it finishes, and ``on_failure(rank, error)`` when a worker
-    fails (Ray Train then restarts the workers from the last checkpoint, up to
-    ``scaling.max_failures`` times). Re-using ``storage_path`` and ``name`` resumes from
-    the last checkpoint of that run. ``callbacks``: more Ray Train callbacks (a Tune
-    trial passes ``TuneReportCallback`` here). ``on_step(progress)`` is called every few
-    seconds during an epoch with rank 0's progress (step, total, images/s, running loss)."""
-    # On the driver's node, as Ray Train's controller: losing another node must not lose the reports.
-    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)})
-    if on_step is not None:  # rank 0 puts its progress into the same queue
-        train_loop_config = {**train_loop_config, "progress": queue}
-    stop = threading.Event()
-
-    def pump() -> None:
-        while not (stop.is_set() and queue.empty()):
-            try:
-                item = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            try:
-                if "step" in item:
-                    if on_step is not None:
-                        on_step(item["step"])
-                elif "failure" in item:
-                    if on_failure is not None:
-                        on_failure(item["failure"]["rank"], item["failure"]["error"])
-                else:
-                    on_report(item["metrics"], item["checkpoint"])
-            except Exception:  # noqa: BLE001 - a logging failure must not kill training
-                log.exception("could not record epoch results")
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=train_loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            # (min, max) is Ray Train's elastic mode: it restarts on the workers it can place
-            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            placement_strategy=scaling.placement_strategy,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            callbacks=[ForwardReports(queue), *callbacks],
-        ),
-        datasets=datasets,
-        dataset_config=ValidationNotDropped(datasets_to_split=["train"]),
-    )
-    thread = threading.Thread(target=pump, name="detexp-progress", daemon=True)
-    thread.start()
-    try:
-        return trainer.fit()
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        ray.kill(queue.actor)

@@ -1,0 +1,8 @@
+"""Ray: start-up and resource checks on the driver, the TorchTrainer and its controller-side
+callbacks, the Train worker loop (the only code that calls ``ray.train`` in a worker), and
+Ray Data batch inference.
+
+May import checkpoint, engine, evaluation, modeling, tracking, data, config and errors;
+never a command. ``controller`` is unpickled in Ray's controller processes, so it (and
+this file) import no torch.
+"""
