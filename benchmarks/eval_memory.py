@@ -63,7 +63,7 @@ class _ProgressHandler(logging.Handler):
 
 def write_checkpoint(path: Path, root: Path, classes: list[str], image_size: int) -> None:
     from detexp.checkpoint.files import CHECKPOINT_FORMAT
-    from detexp.config import TrainConfig
+    from detexp.config import TrainConfig, plain
     from detexp.modeling.detector import build_detector
 
     cfg = OmegaConf.structured(TrainConfig)
@@ -74,7 +74,7 @@ def write_checkpoint(path: Path, root: Path, classes: list[str], image_size: int
     torch.save(
         {
             "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "epoch": 0, "classes": classes,
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": plain(cfg),  # plain strings, as train stores it (torch.load weights_only)
         },
         path,
     )

@@ -65,15 +65,45 @@ def test_wrong_type_is_rejected():
     [
         ("model.name=yolo", "model.name"),
         ("model.weights=IMAGENET_V9", "model.weights"),
-        ("optimizer.name=lion", "optimizer.name"),
         ("schedule.lr_steps=[8,4]", "schedule.lr_steps"),
-        ("dataset.on_error=ignore", "dataset.on_error"),
     ],
 )
 def test_impossible_values_name_the_key(override, key):
     cfg = compose_train([override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_train_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "choices", "config_name"),
+    [
+        ("optimizer.name=lion", "[sgd, adamw]", "train"),
+        ("schedule.name=linear", "[multistep, cosine]", "train"),
+        ("schedule.monitor_mode=biggest", "[max, min]", "train"),
+        ("dataset.on_error=ignore", "[skip, raise]", "train"),
+        ("scaling.placement_strategy=RANDOM", "[PACK, SPREAD, STRICT_PACK, STRICT_SPREAD]", "train"),
+        ("trainer.amp=fp8", "[bf16, fp16]", "train"),
+        ("tune.search=bayes", "[random, grid, optuna]", "tune"),
+        ("tune.scheduler=hyperband", "[asha, fifo]", "tune"),
+        ("tune.mode=up", "[max, min]", "tune"),
+        ("scaling.placement_strategy=RANDOM", "[PACK, SPREAD, STRICT_PACK, STRICT_SPREAD]", "eval"),
+    ],
+)
+def test_an_unknown_choice_fails_while_composing_and_lists_the_valid_ones(override, choices, config_name):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train([override], config_name=config_name)
+    text = f"{info.value} {info.value.__cause__}"
+    assert override.split("=")[0] in text and choices in text, text
+
+
+def test_choices_reach_mlflow_checkpoints_and_workers_as_plain_strings():
+    from detexp.config import plain
+
+    cfg = compose_train(["dataset.on_error=raise", "trainer.amp=bf16", "optimizer.name=adamw"])
+    assert cfg.dataset.on_error == "raise" and f"{cfg.trainer.amp}" == "bf16"
+    values = plain(cfg)
+    assert (values["dataset"]["on_error"], values["trainer"]["amp"], values["optimizer"]["name"]) == ("raise", "bf16", "adamw")
+    assert all(type(v) is str for v in (values["dataset"]["on_error"], values["scaling"]["placement_strategy"]))
 
 
 @pytest.mark.no_mlflow_store
@@ -95,7 +125,6 @@ def test_command_line_typo_fails_in_seconds_without_traceback(tmp_path):
     [
         ("scaling.min_workers=2", "scaling.min_workers=2 must be between 1 and scaling.num_workers=1"),
         ("optimizer.reference_batch=0", "optimizer.reference_batch=0 must be at least 1"),
-        ("scaling.placement_strategy=RANDOM", "choose PACK or SPREAD"),
     ],
 )
 def test_impossible_scaling_values_are_refused(override, words):

@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import compose_train
 from detexp.checkpoint.files import CHECKPOINT_FORMAT
 from detexp.commands.predict import predict
-from detexp.config import TrainConfig
+from detexp.config import TrainConfig, plain
 from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.errors import ConfigError
 from detexp.modeling.detector import build_detector
@@ -42,7 +42,7 @@ def random_checkpoint(path: Path, classes=SHAPES_CLASSES, **model) -> Path:
         {
             "format": CHECKPOINT_FORMAT,
             "model": net.state_dict(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": plain(cfg),  # plain strings, as train stores it (torch.load weights_only)
             "epoch": 0,
             "classes": list(classes),
         },

@@ -77,7 +77,6 @@ def test_bf16_autocast_trains_the_real_step_on_the_cpu():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["trainer.amp=fp8"], "trainer.amp='fp8': choose bf16, fp16 or null"),
         (["trainer.amp=fp16"], "trainer.amp=fp16 needs scaling.use_gpu=true"),
         (["trainer.prefetch_batches=-1"], "trainer.prefetch_batches=-1"),
     ],

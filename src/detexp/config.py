@@ -9,12 +9,75 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger("detexp")
+
+
+class Choice(str, Enum):
+    """A config value chosen from a few names: Hydra refuses any other name while composing
+    and lists the valid ones. Members are strings (``cfg.optimizer.name == "sgd"``) that print
+    as their name; :func:`plain` turns a config holding them into plain Python."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    # The functional form, for names that are Python keywords (raise).
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+OnError = _choice("OnError", "skip", "raise")  # an image whose annotation or file is broken
+
+
+class OptimizerName(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleName(Choice):
+    multistep = "multistep"
+    cosine = "cosine"
+
+
+class Mode(Choice):
+    """Whether a larger or a smaller value of a metric is better."""
+
+    max = "max"
+    min = "min"
+
+
+class Placement(Choice):
+    """Ray's placement strategies for the workers' bundles."""
+
+    PACK = "PACK"  # fill a node before the next
+    SPREAD = "SPREAD"  # one worker per node first
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+class Amp(Choice):
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a gradient scaler; GPU only
+
+
+class Search(Choice):
+    random = "random"
+    grid = "grid"
+    optuna = "optuna"  # Optuna's TPE through Ray Tune
+
+
+class TuneScheduler(Choice):
+    asha = "asha"
+    fifo = "fifo"
 
 
 @dataclass
@@ -42,7 +105,7 @@ class DatasetConfig:
     split_seed: int = 0
     batch_size: int = 2  # images per worker per step
     hflip_prob: float = 0.5
-    on_error: str = "skip"  # skip | raise: what to do with images whose annotation is broken
+    on_error: OnError = OnError.skip  # skip | raise: what to do with images whose annotation is broken
     cache_dir: str = "~/.cache/detexp"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
@@ -90,7 +153,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: OptimizerName = OptimizerName.sgd
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -101,7 +164,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "multistep"  # multistep | cosine
+    name: ScheduleName = ScheduleName.multistep
     epochs: int = 26
     lr_steps: list[int] = field(default_factory=lambda: [16, 22])
     lr_gamma: float = 0.1
@@ -113,7 +176,7 @@ class ScheduleConfig:
     # metric; `monitor_mode` max or min). patience: stop after this many epochs without
     # improvement (null = train all epochs).
     monitor: str = "val/map_50"
-    monitor_mode: str = "max"
+    monitor_mode: Mode = Mode.max
     patience: int | None = None
 
 
@@ -129,7 +192,7 @@ class ScalingConfig:
     # Elastic training: train on as few as min_workers (up to num_workers) when nodes are
     # lost, growing back when they return (null = always num_workers).
     min_workers: int | None = None
-    placement_strategy: str = "PACK"  # PACK fills a node before the next; SPREAD one worker per node first
+    placement_strategy: Placement = Placement.PACK
 
 
 @dataclass
@@ -156,7 +219,7 @@ class TrainerConfig:
 
     # Mixed precision for the training steps: bf16 | fp16 (with a gradient scaler; GPU only)
     # | null (fp32). Validation and inference stay in fp32, so the metrics do not move.
-    amp: str | None = None
+    amp: Amp | None = None
     cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest kernels for the shapes seen
     # Batches of images of one orientation (wide or tall), as torchvision's references group
     # them, so less of each padded batch is padding. Square images are unaffected.
@@ -202,12 +265,12 @@ class TuneSettings:
     # null = {optimizer.lr: {loguniform: [1e-3, 1e-1]}, schedule.lr_steps: {choice: [[16, 22], [8, 11]]}}
     search_space: Any = None
     num_samples: int = 4  # trials (with grid: repeats of every combination)
-    search: str = "random"  # random | grid | optuna (Optuna's TPE through Ray Tune)
-    scheduler: str = "asha"  # asha | fifo
+    search: Search = Search.random
+    scheduler: TuneScheduler = TuneScheduler.asha
     grace_period: int = 1  # ASHA: epochs every trial trains before it may be stopped
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     metric: str = "val/map_50"
-    mode: str = "max"
+    mode: Mode = Mode.max
     max_concurrent_trials: int | None = None  # null = as many as the cluster fits
 
 
@@ -279,11 +342,17 @@ def register_configs() -> None:
     cs.store(name="data_show_schema", node=DataShowConfig)
 
 
+def plain(cfg: Any) -> Any:
+    """``cfg`` as plain dicts, lists and strings (choices by their names), interpolations
+    resolved: what MLflow params, checkpoints and Ray's workers take."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
 def fit_schema(schema: type, stored: Any, what: str | None = None) -> DictConfig:
     """``stored`` (a config of another detexp version, say) on ``schema``: keys the schema
     has and ``stored`` lacks get their defaults; keys it no longer has are dropped (and
     named in a warning when ``what`` says what the config is)."""
-    values = OmegaConf.to_container(OmegaConf.create(stored), resolve=True) if not isinstance(stored, dict) else stored
+    values = plain(OmegaConf.create(stored)) if not isinstance(stored, dict) else stored
     known = schema.__dataclass_fields__
     dropped = sorted(k for k in values if k not in known)
     if dropped and what:

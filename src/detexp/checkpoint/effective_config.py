@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from detexp.checkpoint.files import CheckpointInfo, find_checkpoint, load_state, read_checkpoint
-from detexp.config import DatasetConfig, ModelConfig, fit_schema
+from detexp.config import DatasetConfig, ModelConfig, fit_schema, plain
 from detexp.errors import ConfigError
 
 
@@ -50,9 +50,9 @@ def effective_config(cfg: DictConfig, ckpt: CheckpointInfo, overrides: Sequence[
     if "classes" not in _given(overrides, "dataset")[1]:
         dataset = dataset.copy()
         dataset.classes = list(ckpt.classes)
-    with_sections = OmegaConf.to_container(out, resolve=True)
-    with_sections["model"] = OmegaConf.to_container(model, resolve=True)
-    with_sections["dataset"] = OmegaConf.to_container(dataset, resolve=True)
+    with_sections = plain(out)
+    with_sections["model"] = plain(model)
+    with_sections["dataset"] = plain(dataset)
     # Eval loads the checkpoint's weights itself; a starting point must not be loaded first.
     with_sections["model"]["checkpoint"] = None
     return OmegaConf.create(with_sections)

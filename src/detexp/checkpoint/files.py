@@ -23,22 +23,12 @@ from detexp.epoch_report import IMPROVED
 from detexp.errors import ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each of Ray Train's checkpoint folders
-
-
 CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
-
-
 # Next to it in a new best epoch's folder: that epoch's val predictions (Arrow IPC, rows of
 # detexp.evaluation.records.PREDICTION_SCHEMA), from which the end-of-training report is made.
 PREDICTIONS_FILE = "val_predictions.arrow"
-
-
 FINAL_FILE = "model_final.pt"
-
-
 BEST_FILE = "model_best.pt"
-
-
 RUN_ID_FILE = "mlflow_run_id"  # a training run directory's MLflow run id
 
 

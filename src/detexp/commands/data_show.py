@@ -32,20 +32,10 @@ from detexp.data.voc import Problem, VOCRecord, image_path
 from detexp.errors import ConfigError
 
 STATS_FILE = "label_stats.json"
-
-
 PLOT_FILE = "label_stats.png"
-
-
 GRID_FILE = "gt_grid.jpg"
-
-
 PROBLEMS_FILE = "problems.csv"
-
-
 GRID_COLUMNS = 4
-
-
 GRID_TILE = 320  # px, as the evaluation's predictions_grid.jpg
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from detexp.checkpoint.effective_config import prepare_inference
 from detexp.checkpoint.files import CHECKPOINT_FILE, load_state
+from detexp.config import plain
 from detexp.data.problems import format_problems, write_problems_csv
 from detexp.data.voc import SPLITS_DIR, list_annotation_ids, read_split_ids, seeded_split
 from detexp.distributed.batch_inference import (
@@ -52,11 +53,7 @@ from detexp.evaluation.diagnostics import (
 )
 
 log = logging.getLogger("detexp")
-
-
 WORST_IMAGES = 8  # images in worst_images.jpg
-
-
 GRID_IMAGES = 8  # the val split's first images (by id), drawn in predictions_grid.jpg
 
 
@@ -224,7 +221,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     cluster.init_ray(eff.ray.address, eff.ray.verbose)
     cluster.check_resources(eff.scaling)
     run_id = tracker.start(
-        default_run_name(eff, "eval-"), OmegaConf.to_container(eff, resolve=True),
+        default_run_name(eff, "eval-"), plain(eff),
         inference_tags("eval", overrides, ckpt.path, ckpt.train_run_id),
         description=command_line("eval", list(overrides or [])),
     )

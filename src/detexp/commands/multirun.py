@@ -24,7 +24,6 @@ from hydra.experimental.callback import Callback
 
 log = logging.getLogger("detexp")
 
-
 SUMMARY_COLUMNS = ("job", "overrides", "status", "best_value", "best_epoch", "epochs", "run_id", "error")
 
 

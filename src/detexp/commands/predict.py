@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from detexp.checkpoint.effective_config import prepare_inference
+from detexp.config import plain
 from detexp.distributed.batch_inference import (
     BATCHES_PER_BLOCK,
     decode_files,
@@ -22,7 +23,6 @@ from detexp.distributed.batch_inference import (
 from detexp.errors import ConfigError
 
 log = logging.getLogger("detexp")
-
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -67,7 +67,7 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     cluster.init_ray(eff.ray.address, eff.ray.verbose)
     cluster.check_resources(eff.scaling)
     run_id = tracker.start(
-        default_run_name(eff, "predict-"), OmegaConf.to_container(eff, resolve=True),
+        default_run_name(eff, "predict-"), plain(eff),
         inference_tags("predict", overrides, ckpt.path, ckpt.train_run_id),
         description=command_line("predict", list(overrides or [])),
     )

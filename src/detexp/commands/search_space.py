@@ -18,8 +18,6 @@ from detexp.config import TrainConfig
 from detexp.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
-
-
 DEFAULT_SEARCH_SPACE = {
     "optimizer.lr": {"loguniform": [1e-3, 1e-1]},
     "schedule.lr_steps": {"choice": [[16, 22], [8, 11]]},

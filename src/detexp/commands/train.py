@@ -28,6 +28,7 @@ from detexp.checkpoint.storage import (
     latest_checkpoint,
     storage_location,
 )
+from detexp.config import plain
 from detexp.data.parsing import object_name_images
 from detexp.data.problems import (
     class_names_summary,
@@ -48,9 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("detexp")
 
 
-ON_ERROR = ("skip", "raise")
-
-
 def check_train_config(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express; all run before Ray starts."""
     from detexp.engine.solver import check_optim_config
@@ -58,21 +56,15 @@ def check_train_config(cfg: DictConfig) -> None:
 
     check_model_config(cfg.model)
     check_optim_config(cfg.optimizer, cfg.schedule)
-    if cfg.dataset.on_error not in ON_ERROR:
-        raise ConfigError(f"dataset.on_error={cfg.dataset.on_error!r}: choose one of {', '.join(ON_ERROR)}")
     if cfg.dataset.batch_size < 1:
         raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} must be at least 1")
     if cfg.scaling.num_workers < 1 or cfg.scaling.cpus_per_worker < 1:
         raise ConfigError("scaling.num_workers and scaling.cpus_per_worker must be at least 1")
-    if cfg.scaling.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ConfigError(f"scaling.placement_strategy={cfg.scaling.placement_strategy!r}: choose PACK or SPREAD")
     min_workers = cfg.scaling.min_workers
     if min_workers is not None and not 1 <= min_workers <= cfg.scaling.num_workers:
         raise ConfigError(
             f"scaling.min_workers={min_workers} must be between 1 and scaling.num_workers={cfg.scaling.num_workers}"
         )
-    if cfg.trainer.amp not in (None, "bf16", "fp16"):
-        raise ConfigError(f"trainer.amp={cfg.trainer.amp!r}: choose bf16, fp16 or null (fp32)")
     if cfg.trainer.amp == "fp16" and not cfg.scaling.use_gpu:
         raise ConfigError("trainer.amp=fp16 needs scaling.use_gpu=true; on a CPU use trainer.amp=bf16")
     if cfg.trainer.prefetch_batches < 0:
@@ -83,8 +75,6 @@ def check_train_config(cfg: DictConfig) -> None:
     schedule = cfg.schedule
     if not schedule.monitor.startswith("val/"):
         raise ConfigError(f"schedule.monitor={schedule.monitor!r}: the best epoch is chosen on a validation metric, e.g. val/map_50")
-    if schedule.monitor_mode not in ("max", "min"):
-        raise ConfigError(f"schedule.monitor_mode={schedule.monitor_mode!r}: choose max or min")
     if schedule.patience is not None and schedule.patience < 1:
         raise ConfigError(f"schedule.patience={schedule.patience} must be at least 1 (or null: no early stop)")
 
@@ -186,7 +176,7 @@ def _plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str], tags: Mappin
         )
     weights = weight_files(cfg.model)  # cached or downloaded here, or refused: never in a worker
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # refuses a dead server early
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = plain(cfg)
     lr = scaled_lr(cfg.optimizer, cfg.scaling.num_workers, cfg.dataset.batch_size)
     if cfg.optimizer.reference_batch is not None:
         log.info(

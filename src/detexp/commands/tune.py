@@ -28,27 +28,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
-from detexp.config import TrainConfig
+from detexp.config import TrainConfig, plain
 from detexp.errors import ConfigError, ResourceError
 
 log = logging.getLogger("detexp")
-
-
-SEARCHES = ("random", "grid", "optuna")
-
-
-SCHEDULERS = ("asha", "fifo")
 
 
 # The trial actor only waits on its Train run (and logs to MLflow), so it reserves a token
 # share of a CPU: Tune also places trials that wait for their turn, and a whole CPU each
 # would take the one the data pipeline needs, stalling the running trial.
 TRIAL_CPUS = 0.01
-
-
 EXPERIMENT = "tune"  # Tune's experiment folder inside the run directory
-
-
 TIME_ATTR = "epochs_done"  # what ASHA counts: epochs trained, also across a resume
 
 
@@ -119,11 +109,6 @@ def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     from detexp.commands.train import check_train_config
 
     t = cfg.tune
-    for key, value, choices in (("search", t.search, SEARCHES), ("scheduler", t.scheduler, SCHEDULERS)):
-        if value not in choices:
-            raise ConfigError(f"tune.{key}={value!r} is unknown; choose one of: {', '.join(choices)}")
-    if t.mode not in ("max", "min"):
-        raise ConfigError(f"tune.mode={t.mode!r}: choose max or min")
     if not t.metric.startswith("val/"):
         raise ConfigError(f"tune.metric={t.metric!r}: trials are compared on a validation metric, e.g. val/map_50")
     if t.num_samples < 1 or t.grace_period < 1 or t.reduction_factor < 2:
@@ -174,8 +159,8 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     concurrent = min(t.max_concurrent_trials or fits, fits)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**OmegaConf.to_container(t, resolve=True), "search_space": space}
-    resolved = {**OmegaConf.to_container(base, resolve=True), "tune": settings}
+    settings = {**plain(t), "search_space": space}
+    resolved = {**plain(base), "tune": settings}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     id_file = run_dir / RUN_ID_FILE
     if restoring and id_file.exists():
@@ -201,7 +186,7 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(
-            _run_trial, base=OmegaConf.to_container(base, resolve=True), space=space,
+            _run_trial, base=plain(base), space=space,
             tune_dir=str(run_dir), parent_run_id=parent,
         ),
         {"cpu": TRIAL_CPUS},
@@ -245,11 +230,11 @@ def _tune_config(t: Any, base: DictConfig, concurrent: int):
         from ray.tune.search.optuna import OptunaSearch
 
         return ray_tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
+            metric=t.metric, mode=str(t.mode), num_samples=t.num_samples, scheduler=scheduler,
             search_alg=OptunaSearch(seed=base.seed), max_concurrent_trials=concurrent,
         )
     return ray_tune.TuneConfig(
-        metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
+        metric=t.metric, mode=str(t.mode), num_samples=t.num_samples, scheduler=scheduler,
         search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
     )
 
@@ -326,7 +311,7 @@ def _finish(grid, watcher: TrialWatcher, tracker, parent: str, base: DictConfig,
         history = watcher.history.get(trial_id) or _history(result, t.metric)
         pick = max if t.mode == "max" else min
         best = pick(history, key=lambda item: item[1]) if history else None
-        _, overrides = apply_sample(OmegaConf.to_container(base), result.config, space)
+        _, overrides = apply_sample(plain(base), result.config, space)
         status = "ERROR" if result.error else ("STOPPED" if trial_id in watcher.stopped else "FINISHED")
         rows.append({
             "job": trial_id, "overrides": " ".join(overrides), "status": status,
@@ -341,8 +326,8 @@ def _finish(grid, watcher: TrialWatcher, tracker, parent: str, base: DictConfig,
         tracker.end("FAILED")
         raise ConfigError(f"no trial reported {t.metric}; see the trials in {run_dir / 'trials'}")
     best = (max if t.mode == "max" else min)(scored, key=lambda r: r["best_value"])
-    winner = next(r for r in grid if best["overrides"] == " ".join(apply_sample(OmegaConf.to_container(base), r.config, space)[1]))
-    best_cfg, _ = apply_sample(OmegaConf.to_container(base), winner.config, space)
+    winner = next(r for r in grid if best["overrides"] == " ".join(apply_sample(plain(base), r.config, space)[1]))
+    best_cfg, _ = apply_sample(plain(base), winner.config, space)
     best_path = write_best_config(best_cfg, run_dir, best, t.metric)
     tracker.log_artifact(best_path)
     tracker.set_tags({"detexp.best_trial": best["job"], "detexp.best_child": best["run_id"] or "",

@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from detexp.config import plain
 from detexp.evaluation.records import prediction_table
 from detexp.modeling.batchnorm import fold_batch_norms
 from detexp.modeling.detector import build_inference_model
@@ -38,10 +39,7 @@ from detexp.modeling.weights import load_weights
 
 log = logging.getLogger("detexp")
 
-
 PROGRESS_EVERY_S = 30.0
-
-
 # Images per Ray Data block, in inference batches. A block is one predictor task, and its
 # results reach the driver when the task ends: small blocks keep every actor of the pool
 # busy and the results streaming. (The annotation reader makes blocks of hundreds of
@@ -161,7 +159,7 @@ def run_predictor(
     predictions = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            "model_cfg": OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True),
+            "model_cfg": plain(OmegaConf.create(model_cfg)),
             "classes": list(classes),
             "state": [state_ref],
             "use_gpu": bool(scaling.use_gpu),

@@ -20,7 +20,6 @@ from detexp.errors import ResourceError
 # that decode images always get scheduled (with none left, the pipeline would stall).
 DATA_CPUS = 1
 
-
 # glibc malloc settings for the processes of a local Ray (a user's own values win). Ray
 # Train runs the training loop in a thread other than the main one; glibc gives such a
 # thread its own arena of 64 MB heaps, and every step's activations were mmapped, freed and

@@ -63,7 +63,7 @@ def fit(
             # (min, max) is Ray Train's elastic mode: it restarts on the workers it can place
             num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            placement_strategy=scaling.placement_strategy,
+            placement_strategy=str(scaling.placement_strategy),
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(

@@ -38,17 +38,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IOU_THRESHOLD = 0.5
-
-
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 101), 2)  # 0.00, 0.01, ..., 1.00
-
-
 BACKGROUND = "background"
-
-
 ALL_CLASSES = "all classes"
-
-
 _COMPACT_EVERY = 64  # arrays per class before they are joined into one
 
 

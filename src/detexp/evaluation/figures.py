@@ -17,14 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 TABLE_COLUMNS = ("class", "num_gt", "num_det", "ap", "ap_50", "voc07_ap", "voc12_ap")
-
-
 _FLOAT_COLUMNS = ("ap", "ap_50", "voc07_ap", "voc12_ap")
-
-
 # The "mean" row of the tables shows the headline numbers the metrics already average.
 _MEAN_KEYS = {"ap": "map", "ap_50": "map_50", "voc07_ap": "voc07_map", "voc12_ap": "voc12_map"}
-
 
 # Distinct, saturated colours that read on photos; class k (1..C) gets _PALETTE[(k - 1) % len].
 _PALETTE = (
@@ -49,8 +44,6 @@ _PALETTE = (
     (0, 0, 128),
     (128, 128, 128),
 )
-
-
 _GT_COLOUR = (255, 255, 255)  # thin white: distinct from every class colour
 
 

@@ -39,13 +39,9 @@ import torch
 
 COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
-
 # The thresholds pycocotools uses (float64 linspace), see _coco_metrics.
 _COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
-
-
 _COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
-
 
 # The published code's recall points, float rounding included: py-faster-rcnn's voc_eval.py and
 # Detectron2 use np.arange(0.0, 1.1, 0.1) (MMDetection's np.arange(0, 1 + 1e-3, 0.1) gives the

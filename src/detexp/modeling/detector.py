@@ -41,20 +41,14 @@ BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
     ),
 }
 
-
 # Builders whose box head is not torchvision's TwoMLPHead (model.box_head_size cannot apply).
 CONV_BOX_HEADS = ("fasterrcnn_resnet50_fpn_v2",)
-
 
 # The ResNet-50 FPN builders: their FPN reads strides 4 to 32 and their anchor generator
 # has one size per level (5 levels). The others (the MobileNet ones) put all their anchor
 # sizes on each of their feature maps.
 RESNET_FPN_BUILDERS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
-
-
 RESNET_FPN_LEVELS = 5
-
-
 MOBILENET_STAGES = 6  # torchvision's MobileNetV3-Large extractor: stages 0 (stem) to 5 (last conv)
 
 

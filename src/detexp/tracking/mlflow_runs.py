@@ -25,12 +25,8 @@ from mlflow.tracking import MlflowClient
 from detexp.errors import TrackingError
 
 MODEL_ARTIFACT = "model"  # where a registered model's files live in its training run
-
-
 # MLflow caps a param value at 6000 characters; longer values are truncated, with a mark.
 _PARAM_MAX = 6000
-
-
 _LOCKED_RETRIES = 10  # about 50 s of backoff in all: SQLite's lock is held for milliseconds
 
 
