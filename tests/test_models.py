@@ -244,6 +244,10 @@ def test_detexp_roialign_pools_and_backpropagates_as_torchvision_does(sampling_r
         loss = (pooled * torch.linspace(-1, 1, pooled.numel()).view_as(pooled)).sum()
         grads.append(torch.autograd.grad(loss, [features["0"], features["1"]]))
     assert out[0].shape == out[1].shape == (44, 6, 7, 7)
+    # the scales and box levels come from detexp's own code (no private torchvision helper)
+    assert poolers[1].scales == poolers[0].scales == [0.125, 0.0625]
+    levels = [(p.map_levels.k_min, p.map_levels.k_max, p.map_levels.s0, p.map_levels.lvl0) for p in poolers]
+    assert levels[1] == levels[0]
     torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
     for theirs, ours in zip(*grads, strict=True):
         assert theirs.abs().sum() > 0  # both levels pooled

@@ -22,11 +22,13 @@ to torchvision's own code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign as _TorchvisionMultiScaleRoIAlign
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import LevelMapper
 
 # How many neighbours a sample point mixes (bilinear: 2 rows x 2 columns).
 _CORNERS = 2
@@ -37,15 +39,36 @@ class MultiScaleRoIAlign(_TorchvisionMultiScaleRoIAlign):
     dict) that pools CPU feature maps with :func:`multiscale_roi_align_rows`."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = _filter_input(x, self.featmap_names)
+        features = [v for k, v in x.items() if k in self.featmap_names]
         if not _fast_path_applies(features, self.sampling_ratio):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:  # from the first batch, as torchvision does
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+            self.scales, self.map_levels = _scales_and_levels(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
         levels = self.map_levels(boxes) if len(features) > 1 else None
         return multiscale_roi_align_rows(
-            features, _convert_to_roi_format(boxes), levels, self.scales, self.output_size, self.sampling_ratio
+            features, _rois(boxes), levels, self.scales, self.output_size, self.sampling_ratio
         )
+
+
+def _rois(boxes: list[Tensor]) -> Tensor:
+    """Each image's boxes (x1, y1, x2, y2) behind the image's index: one K x 5 tensor."""
+    joined = torch.cat(boxes)
+    index = torch.cat([torch.full((len(b), 1), i, dtype=joined.dtype, device=joined.device) for i, b in enumerate(boxes)])
+    return torch.cat([index, joined], dim=1)
+
+
+def _scales_and_levels(
+    features: list[Tensor], image_shapes: list[tuple[int, int]], canonical_scale: int, canonical_level: int
+) -> tuple[list[float], LevelMapper]:
+    """Each feature map's scale against the batch's largest image, a power of 2 as
+    torchvision infers it (from the height), and the FPN level mapper between the first
+    and last map's levels (torchvision's LevelMapper: level of a box by its size)."""
+    height = max(shape[0] for shape in image_shapes)
+    scales = [2.0 ** round(math.log2(f.shape[-2] / height)) for f in features]
+    first, last = (int(-math.log2(scale)) for scale in (scales[0], scales[-1]))
+    return scales, LevelMapper(first, last, canonical_scale=canonical_scale, canonical_level=canonical_level)
 
 
 def _fast_path_applies(features: list[Tensor], sampling_ratio: int) -> bool:
