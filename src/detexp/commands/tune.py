@@ -17,15 +17,18 @@ restored trial (``Tuner.restore``) continues from its last checkpoint in the sam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from ray.tune import Callback
 
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig, plain
@@ -129,28 +132,64 @@ def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     return absolute_paths(base), space
 
 
+@dataclass(frozen=True)
+class TuneRun:
+    """One search as settled before its first trial: the train config every trial starts
+    from, the search space and settings, where it writes and its MLflow parent run."""
+
+    base: DictConfig  # the train part of the config, paths absolute
+    space: dict[str, Any]
+    settings: Any  # cfg.tune
+    dir: Path
+    tracker: Any  # detexp.tracking.mlflow_runs.Tracker
+    parent_run_id: str
+    concurrent: int  # trials at a time
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.dir / EXPERIMENT
+
+
 def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """``detexp tune``: run the search, each trial a child MLflow run of one parent run;
     write ``best_config.yaml`` into ``run_dir``. Returns the best trial's id, value and
     config path, the parent ``run_id`` and the trial counts. ``resume=true`` with the same
     ``run_dir`` continues an interrupted search."""
-    import ray
     from ray import tune as ray_tune
+
+    base, space = check_tune_config(cfg)
+    run_dir = Path(run_dir).resolve()
+    restoring = cfg.resume and ray_tune.Tuner.can_restore(str(run_dir / EXPERIMENT))
+    if (run_dir / EXPERIMENT).exists() and not restoring:
+        raise ConfigError(
+            f"{run_dir} already holds a tune run; pass resume=true to continue it, or choose another hydra.run.dir"
+        )
+    run = _start_search(cfg.tune, base, space, run_dir, restoring=restoring, overrides=list(overrides or []))
+    watcher = TrialWatcher(
+        run.tracker, run.dir, metric=run.settings.metric, mode=run.settings.mode,
+        epochs=base.schedule.epochs, num_samples=run.settings.num_samples,
+    )
+    started = time.perf_counter()
+    try:
+        with trial_environment(run.concurrent, verbose=base.ray.verbose):
+            grid = _tuner(run, watcher, restoring).fit()
+    except BaseException as exc:
+        run.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return _finish(run, grid, watcher, time.perf_counter() - started)
+
+
+def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path, *, restoring: bool,
+                  overrides: list[str]) -> TuneRun:
+    """Weights, MLflow store and Ray checked, how many trials fit at once, the resolved
+    config written and the parent run started (or resumed)."""
+    import ray
 
     from detexp.checkpoint.files import RUN_ID_FILE
     from detexp.distributed import cluster
     from detexp.modeling.detector import weight_files
     from detexp.tracking.mlflow_runs import Tracker, default_tags
 
-    base, space = check_tune_config(cfg)
-    t = cfg.tune
-    run_dir = Path(run_dir).resolve()
-    experiment_dir = run_dir / EXPERIMENT
-    restoring = cfg.resume and ray_tune.Tuner.can_restore(str(experiment_dir))
-    if experiment_dir.exists() and not restoring:
-        raise ConfigError(
-            f"{run_dir} already holds a tune run; pass resume=true to continue it, or choose another hydra.run.dir"
-        )
     weight_files(base.model)  # in the cache (or downloaded) before any trial starts
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
     cluster.init_ray(base.ray.address, base.ray.verbose)
@@ -159,14 +198,13 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     concurrent = min(t.max_concurrent_trials or fits, fits)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**plain(t), "search_space": space}
-    resolved = {**plain(base), "tune": settings}
+    resolved = {**plain(base), "tune": {**plain(t), "search_space": space}}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     id_file = run_dir / RUN_ID_FILE
     if restoring and id_file.exists():
         parent = tracker.resume(id_file.read_text().strip())
     else:
-        parent = tracker.start(base.tracking.run_name or f"tune-{run_dir.name}", resolved, default_tags("tune", list(overrides or [])))
+        parent = tracker.start(base.tracking.run_name or f"tune-{run_dir.name}", resolved, default_tags("tune", overrides))
         id_file.write_text(parent)
     if base.tracking.system_metrics:
         tracker.monitor_system()
@@ -177,39 +215,55 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     )
     for key, spec in space.items():
         log.info("  %s: %s", key, spec)
+    return TuneRun(
+        base=base, space=space, settings=t, dir=run_dir, tracker=tracker, parent_run_id=parent, concurrent=concurrent,
+    )
 
-    # Trials must not change directory (relative paths would break), nor flood the console.
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # a diverged epoch reports no metric
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(concurrent)  # trials placed ahead of their turn
-    if not base.ray.verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+@contextlib.contextmanager
+def trial_environment(concurrent: int, verbose: bool) -> Iterator[None]:
+    """Ray Tune's settings for this search, as the environment variables Tune reads on
+    the driver and hands to each trial actor it creates; the previous values come back
+    when the search ends. Trials must not change directory (relative paths would break),
+    nor flood the console."""
+    settings = {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # a diverged epoch reports no metric
+        "TUNE_MAX_PENDING_TRIALS_PG": str(concurrent),  # trials placed ahead of their turn
+        **({} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}),
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _tuner(run: TuneRun, watcher: TrialWatcher, restoring: bool):
+    """A new Tuner over :func:`_run_trial`, or the interrupted one restored."""
+    from ray import tune as ray_tune
+
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(
-            _run_trial, base=plain(base), space=space,
-            tune_dir=str(run_dir), parent_run_id=parent,
+            _run_trial, base=plain(run.base), space=run.space, tune_dir=str(run.dir), parent_run_id=run.parent_run_id,
         ),
         {"cpu": TRIAL_CPUS},
     )
-    watcher = TrialWatcher(tracker, run_dir, t.metric, t.mode, base.schedule.epochs, t.num_samples)
+    if restoring:
+        log.info("resuming the search in %s: finished trials are kept, the others continue", run.experiment_dir)
+        return ray_tune.Tuner.restore(str(run.experiment_dir), trainable, resume_unfinished=True, resume_errored=True)
     run_config = ray_tune.RunConfig(
-        name=EXPERIMENT, storage_path=str(run_dir), verbose=2 if base.ray.verbose else 0, callbacks=[watcher],
+        name=EXPERIMENT, storage_path=str(run.dir), verbose=2 if run.base.ray.verbose else 0, callbacks=[watcher],
     )
-    started = time.perf_counter()
-    try:
-        if restoring:
-            log.info("resuming the search in %s: finished trials are kept, the others continue", experiment_dir)
-            tuner = ray_tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = ray_tune.Tuner(
-                trainable, param_space=param_space(space, t.search), run_config=run_config,
-                tune_config=_tune_config(t, base, concurrent),
-            )
-        grid = tuner.fit()
-    except BaseException as exc:
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    return _finish(grid, watcher, tracker, parent, base, space, run_dir, t, time.perf_counter() - started)
+    return ray_tune.Tuner(
+        trainable, param_space=param_space(run.space, run.settings.search), run_config=run_config,
+        tune_config=_tune_config(run.settings, run.base, run.concurrent),
+    )
 
 
 def _tune_config(t: Any, base: DictConfig, concurrent: int):
@@ -246,18 +300,12 @@ def _trial_run_id(run_dir: Path, trial_id: str) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def _tune_callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class TrialWatcher(_tune_callback_base()):
+class TrialWatcher(Callback):
     """Runs on the tune driver: one console line per trial result (instead of Tune's
     tables), and the MLflow child run of a trial the scheduler stopped marked as such
     (its process is stopped mid-run and cannot do it)."""
 
-    def __init__(self, tracker, run_dir: Path, metric: str, mode: str, epochs: int, num_samples: int):
+    def __init__(self, tracker, run_dir: Path, *, metric: str, mode: str, epochs: int, num_samples: int):
         self.tracker, self.run_dir, self.metric, self.mode = tracker, run_dir, metric, mode
         self.epochs, self.num_samples = epochs, num_samples
         self.best: tuple[float, str, int] | None = None  # value, trial id, epoch (0-based)
@@ -302,33 +350,43 @@ class TrialWatcher(_tune_callback_base()):
             self.tracker.end_run(run_id, "FAILED", {})
 
 
-def _finish(grid, watcher: TrialWatcher, tracker, parent: str, base: DictConfig, space, run_dir: Path, t, seconds: float):
-    from detexp.commands.multirun import write_summary
-
+def _summary_rows(run: TuneRun, grid, watcher: TrialWatcher) -> list[dict[str, Any]]:
+    """One row per trial for the sweep summary: overrides, status, best value and epoch."""
+    t, base = run.settings, plain(run.base)
+    pick = max if t.mode == "max" else min
     rows = []
     for result in grid:
         trial_id = result.metrics.get("trial_id") or Path(result.path).name.rsplit("_", 2)[-2]
         history = watcher.history.get(trial_id) or _history(result, t.metric)
-        pick = max if t.mode == "max" else min
         best = pick(history, key=lambda item: item[1]) if history else None
-        _, overrides = apply_sample(plain(base), result.config, space)
+        _, overrides = apply_sample(base, result.config, run.space)
         status = "ERROR" if result.error else ("STOPPED" if trial_id in watcher.stopped else "FINISHED")
         rows.append({
             "job": trial_id, "overrides": " ".join(overrides), "status": status,
             "best_value": best[1] if best else None, "best_epoch": best[0] if best else None,
-            "epochs": len(history), "run_id": _trial_run_id(run_dir, trial_id),
+            "epochs": len(history), "run_id": _trial_run_id(run.dir, trial_id),
             "error": str(result.error).splitlines()[0][:300] if result.error else None,
         })
-    for path in write_summary(rows, t.metric, run_dir):
+    return rows
+
+
+def _finish(run: TuneRun, grid, watcher: TrialWatcher, seconds: float) -> dict[str, Any]:
+    """The summary tables, ``best_config.yaml`` and the parent run's tags and metrics; the
+    parent run ends (FAILED when no trial reported the metric)."""
+    from detexp.commands.multirun import write_summary
+
+    t, tracker = run.settings, run.tracker
+    rows = _summary_rows(run, grid, watcher)
+    for path in write_summary(rows, t.metric, run.dir):
         tracker.log_artifact(path)
     scored = [r for r in rows if r["best_value"] is not None and not math.isnan(r["best_value"])]
     if not scored:
         tracker.end("FAILED")
-        raise ConfigError(f"no trial reported {t.metric}; see the trials in {run_dir / 'trials'}")
+        raise ConfigError(f"no trial reported {t.metric}; see the trials in {run.dir / 'trials'}")
     best = (max if t.mode == "max" else min)(scored, key=lambda r: r["best_value"])
-    winner = next(r for r in grid if best["overrides"] == " ".join(apply_sample(plain(base), r.config, space)[1]))
-    best_cfg, _ = apply_sample(plain(base), winner.config, space)
-    best_path = write_best_config(best_cfg, run_dir, best, t.metric)
+    samples = {" ".join(apply_sample(plain(run.base), r.config, run.space)[1]): r.config for r in grid}
+    best_cfg, _ = apply_sample(plain(run.base), samples[best["overrides"]], run.space)
+    best_path = write_best_config(best_cfg, run.dir, best, t.metric)
     tracker.log_artifact(best_path)
     tracker.set_tags({"detexp.best_trial": best["job"], "detexp.best_child": best["run_id"] or "",
                       "detexp.best_overrides": best["overrides"]})
@@ -341,7 +399,8 @@ def _finish(grid, watcher: TrialWatcher, tracker, parent: str, base: DictConfig,
     log.info("its config: %s; train it again with:  %s", best_path, command)
     log.info("browse the trials with:  %s", tracker.ui_command())
     return {"best_trial": best["job"], "best_value": best["best_value"], "best_config": str(best_path),
-            "run_id": parent, "trials": len(rows), "stopped_early": len(watcher.stopped), "command": command}
+            "run_id": run.parent_run_id, "trials": len(rows), "stopped_early": len(watcher.stopped),
+            "command": command}
 
 
 def _history(result, metric: str) -> list[tuple[int, float]]:
