@@ -23,10 +23,9 @@ DATA_CPUS = 1
 # glibc malloc settings for the processes of a local Ray (a user's own values win). Ray
 # Train runs the training loop in a thread other than the main one; glibc gives such a
 # thread its own arena of 64 MB heaps, and every step's activations were mmapped, freed and
-# faulted in again: 55-58k page faults a step on 2 cores, against 44k for the same step in
-# a main thread. One arena (the main heap) with freed memory kept for the next step: 4-8k
-# faults, and the step in a thread 0.964-0.975 s -> 0.890-0.896 s (2026-11-27; RESULTS.md).
-# Memory freed after a peak is kept by the process instead of returned to the system.
+# faulted in again. One arena (the main heap) with freed memory kept for the next step
+# faults a tenth as often and steps about 8% faster (benchmarks/RESULTS.md). Memory freed
+# after a peak is kept by the process instead of returned to the system.
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_TRIM_THRESHOLD_": str(16 << 30),

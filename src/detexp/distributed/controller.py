@@ -4,8 +4,8 @@ that hands reports and worker failures to the driver.
 Ray unpickles these objects in the controller, and their dataset plan in its
 DatasetManager and SplitCoordinator actors, by importing the modules that define them.
 This module, like :mod:`detexp.data.pipeline`, must not import torch at module level: in
-those three processes a torch import cost 4-5 CPU seconds each while nothing else could
-start (2 cores, 2026-11-27), seconds the first training step waited for.
+those three processes a torch import costs seconds of CPU each, while nothing else can
+start, and the first training step waits for them (benchmarks/RESULTS.md).
 ``tests/test_pipeline.py`` unpickles them in a fresh process and checks that no torch was loaded.
 """
 

@@ -47,8 +47,8 @@ def scaled_lr(cfg: Any, num_workers: int, batch_size: int) -> float:
 def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """``cfg``'s optimizer over the parameters that train, fused where torch has a fused
     kernel for their device: one vectorised pass over all parameters instead of a few
-    tensor operations per parameter (the default's AdamW step took 89 ms on 2 CPU cores,
-    17 ms fused, 2026-11-27; the same update up to float rounding)."""
+    tensor operations per parameter: the same update up to float rounding, several times
+    faster on a CPU (benchmarks/RESULTS.md)."""
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
     if cfg.name == "sgd":
