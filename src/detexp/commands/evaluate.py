@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def evaluate_split(
     cfg: Any,
     state: dict[str, torch.Tensor] | None,
     out_dir: Path,
+    *,
     batch_size: int,
     score_threshold: float = 0.5,
     grid_images: int = GRID_IMAGES,
@@ -88,43 +90,73 @@ def evaluate_split(
     of this model's validation (a pyarrow Table of PREDICTION_SCHEMA rows, the first
     ``grid_images`` images drawn), written up instead of predicting again. Returns the metrics
     (``DetectionEvaluator.compute()``), the files written and the diagnostics' totals."""
-    from detexp.data.annotations import problems_of, read_annotations
     from detexp.data.pipeline import decode_images
-    from detexp.data.source import dataset_root
-    from detexp.evaluation.figures import image_grid, plot_pr_curves, write_per_class_table
     from detexp.evaluation.metrics import DetectionEvaluator
+
+    out_dir = Path(out_dir)
+    split = _read_split(cfg, out_dir, batch_size)
+    classes = split.classes
+    if predictions is None:
+        log.info("evaluating %d images of %s (%s) with %d actor(s)", split.usable, split.root,
+                 cfg.dataset.val_split, cfg.scaling.num_workers)
+        stream = run_predictor(
+            decode_images(split.annotations, split.root, 0.0), cfg.model, classes, state, cfg.scaling,
+            batch_size=batch_size, draw=sorted(split.ids)[: max(grid_images, 0)], draw_threshold=score_threshold,
+            total=split.usable, ray_log=None if cfg.ray.verbose else out_dir / "ray.log",
+        )
+    else:
+        log.info("report on %d images of %s (%s) from the validation the model had in training",
+                 predictions.num_rows, split.root, cfg.dataset.val_split)
+        stream = (pa.Table.from_batches([b]) for b in predictions.to_batches(max_chunksize=batch_size))
+    evaluator = DetectionEvaluator(classes)
+    diagnostics = DetectionDiagnostics(classes, score_threshold, worst=WORST_IMAGES)
+    started = time.perf_counter()
+    drawn = _score(stream, evaluator, diagnostics, classes, out_dir / "predictions.jsonl")
+    seconds = time.perf_counter() - started
+    if predictions is None:
+        log.info("predicted %d images in %.1fs (%.1f images/s)", len(evaluator), seconds, len(evaluator) / max(seconds, 1e-9))
+    # faster_coco_eval logs its own summary table at INFO; ours follows in one line.
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+    metrics = evaluator.compute()
+    files = [out_dir / "predictions.jsonl", *_write_metric_files(metrics, evaluator, drawn, out_dir)]
+    files += write_confusion_matrix(diagnostics.confusion_matrix(), classes, score_threshold, out_dir)
+    files += write_threshold_curves(diagnostics.threshold_curves(), out_dir)
+    files += _write_worst_images(diagnostics.worst_images(), split.root, classes, out_dir / "worst_images.jpg")
+    return metrics, files, diagnostics.summary()
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The split an evaluation reads: its annotations (read and checked on Ray Data)."""
+
+    root: Path
+    classes: list[str]
+    ids: list[str]
+    annotations: Any  # ray.data.Dataset of annotation rows, in blocks of a few batches
+    usable: int  # images left after the error policy
+
+
+def _read_split(cfg: Any, out_dir: Path, batch_size: int) -> _Split:
+    from detexp.data.annotations import problems_of, read_annotations
+    from detexp.data.source import dataset_root
 
     classes = list(cfg.dataset.classes)
     if not classes:
         raise DatasetError("dataset.classes is empty: list the class names (background is implicit)")
     root = dataset_root(cfg.dataset)
     ids = split_ids(cfg.dataset, root)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     annotations = read_annotations(root, ids, classes).materialize()
     usable = _apply_error_policy(cfg.dataset.on_error, problems_of(annotations), len(ids), out_dir)
     annotations = annotations.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
-    if predictions is None:
-        log.info("evaluating %d images of %s (%s) with %d actor(s)", usable, root, cfg.dataset.val_split, cfg.scaling.num_workers)
-    else:
-        log.info("report on %d images of %s (%s) from the validation the model had in training",
-                 predictions.num_rows, root, cfg.dataset.val_split)
+    return _Split(root, classes, ids, annotations, usable)
 
-    evaluator = DetectionEvaluator(classes)
-    diagnostics = DetectionDiagnostics(classes, score_threshold, worst=WORST_IMAGES)
-    shown = sorted(ids)[: max(grid_images, 0)]
+
+def _score(stream, evaluator, diagnostics: DetectionDiagnostics, classes: list[str], path: Path) -> dict[str, bytes]:
+    """Feed every batch of prediction rows to the metrics and diagnostics, writing each
+    detection to ``path`` (predictions.jsonl); returns the drawn images by image id."""
     drawn: dict[str, bytes] = {}
-    predictions_path = out_dir / "predictions.jsonl"
-    started = time.perf_counter()
-    if predictions is None:
-        stream = run_predictor(
-            decode_images(annotations, root, 0.0), cfg.model, classes, state, cfg.scaling,
-            batch_size, draw=shown, draw_threshold=score_threshold, total=usable,
-            ray_log=None if cfg.ray.verbose else out_dir / "ray.log",
-        )
-    else:
-        stream = (pa.Table.from_batches([b]) for b in predictions.to_batches(max_chunksize=batch_size))
-    with predictions_path.open("w") as out, contextlib.closing(stream):
+    with path.open("w") as out, contextlib.closing(stream):
         for batch in stream:
             ids = batch.column("image_id").to_pylist()
             preds, targets = prediction_records(batch)
@@ -132,25 +164,22 @@ def evaluate_split(
             diagnostics.update(preds, targets, ids)
             write_jsonl(out, ids, preds, classes)
             drawn.update({i: d for i, d in zip(ids, batch.column("drawn").to_pylist(), strict=True) if d})
-    seconds = time.perf_counter() - started
-    if predictions is None:
-        log.info("predicted %d images in %.1fs (%.1f images/s)", len(evaluator), seconds, len(evaluator) / max(seconds, 1e-9))
+    return drawn
 
-    # faster_coco_eval logs its own summary table at INFO; ours follows in one line.
-    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-    metrics = evaluator.compute()
-    files = [predictions_path, out_dir / "metrics.json"]
-    files[1].write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+
+def _write_metric_files(metrics: dict[str, Any], evaluator, drawn: dict[str, bytes], out_dir: Path) -> list[Path]:
+    """metrics.json, the per-class tables, the PR curves and predictions_grid.jpg."""
+    from detexp.evaluation.figures import image_grid, plot_pr_curves, write_per_class_table
+
+    files = [out_dir / "metrics.json"]
+    files[0].write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
     files += write_per_class_table(metrics, out_dir)
     files += plot_pr_curves(evaluator.pr_curves(), out_dir / "pr_curves")
     if drawn:
         grid = image_grid([Image.open(io.BytesIO(drawn[i])) for i in sorted(drawn)], cols=4)
         files.append(out_dir / "predictions_grid.jpg")
         grid.save(files[-1], quality=90)
-    files += write_confusion_matrix(diagnostics.confusion_matrix(), classes, score_threshold, out_dir)
-    files += write_threshold_curves(diagnostics.threshold_curves(), out_dir)
-    files += _write_worst_images(diagnostics.worst_images(), root, classes, out_dir / "worst_images.jpg")
-    return metrics, files, diagnostics.summary()
+    return files
 
 
 def _write_worst_images(worst: list[ImageErrors], root: Path, classes: list[str], path: Path) -> list[Path]:
@@ -165,7 +194,8 @@ def _write_worst_images(worst: list[ImageErrors], root: Path, classes: list[str]
     for image in worst:
         with Image.open(image_path(root, image.image_id)) as pixels:
             drawn.append(draw_detections(
-                pixels, image.det_boxes, image.det_labels, image.det_scores, classes, image.gt_boxes, image.gt_labels,
+                pixels, image.det_boxes, image.det_labels, image.det_scores, classes,
+                gt_boxes=image.gt_boxes, gt_labels=image.gt_labels,
             ))
     cols, tile = 4, 320
     grid = caption_tiles(image_grid(drawn, cols, tile), [image.caption for image in worst], cols, tile)
@@ -227,7 +257,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     )
     log.info("eval of %s (training run %s); MLflow run %s", ckpt.path, ckpt.train_run_id or "unknown", run_id)
     try:
-        metrics, files, totals = evaluate_split(eff, state, run_dir, eff.batch_size, eff.score_threshold, eff.grid_images)
+        metrics, files, totals = evaluate_split(
+            eff, state, run_dir, batch_size=eff.batch_size, score_threshold=eff.score_threshold,
+            grid_images=eff.grid_images,
+        )
         tracker.log_metrics(_headline(metrics, "eval/"), step=0)
         tracker.log_artifact(run_dir / "config.yaml")
         for path in files:
@@ -272,7 +305,7 @@ def report_training(
         else:
             state = load_state(Path(checkpoint), cfg.model, len(cfg.dataset.classes) + 1)
         metrics, files, _ = evaluate_split(
-            cfg, state, Path(run_dir) / "eval", cfg.dataset.batch_size, predictions=predictions,
+            cfg, state, Path(run_dir) / "eval", batch_size=cfg.dataset.batch_size, predictions=predictions,
         )
         for path in files:
             tracker.log_artifact(path, "eval/pr_curves" if path.parent.name == "pr_curves" else "eval")

@@ -79,28 +79,13 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     images = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         decode_files, batch_format="pyarrow", batch_size=eff.batch_size
     )
-    written, detections, failed = 0, 0, []
     try:
         stream = run_predictor(
-            images, eff.model, classes, state, eff.scaling, eff.batch_size,
+            images, eff.model, classes, state, eff.scaling, batch_size=eff.batch_size,
             min_score=eff.score_threshold, draw=True, draw_threshold=eff.score_threshold,
             total=len(files), ray_log=None if eff.ray.verbose else run_dir / "ray.log",
         )
-        with (run_dir / "predictions.jsonl").open("w") as out, contextlib.closing(stream):
-            for batch in stream:
-                preds, _ = prediction_records(batch)
-                names = batch.column("image_id").to_pylist()
-                ids = [str(Path(f).with_suffix("")) for f in names]
-                detections += write_jsonl(out, ids, preds, classes)
-                columns = (names, batch.column("drawn").to_pylist(), batch.column("error").to_pylist())
-                for name, drawn, error in zip(*columns, strict=True):
-                    if error:
-                        failed.append(f"{name}: {error}")
-                        continue
-                    target = annotated / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(drawn)
-                    written += 1
+        written, detections, failed = _write_outputs(stream, classes, run_dir / "predictions.jsonl", annotated)
         if failed:
             log.warning("could not read %d image(s):\n  %s", len(failed), "\n  ".join(failed[:20]))
         tracker.log_metrics({"predict/images": written, "predict/detections": detections, "predict/unreadable": len(failed)}, step=0)
@@ -114,3 +99,25 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
         "images": written, "detections": detections, "unreadable": len(failed), "run_id": run_id,
         "run_dir": str(run_dir), "annotated": str(annotated), "predictions": str(run_dir / "predictions.jsonl"),
     }
+
+
+def _write_outputs(stream, classes: list[str], predictions: Path, annotated: Path) -> tuple[int, int, list[str]]:
+    """Each batch's detections into ``predictions`` (jsonl) and its drawn images under
+    ``annotated``; returns the images written, the detections and the unreadable images."""
+    written, detections, failed = 0, 0, []
+    with predictions.open("w") as out, contextlib.closing(stream):
+        for batch in stream:
+            preds, _ = prediction_records(batch)
+            names = batch.column("image_id").to_pylist()
+            ids = [str(Path(f).with_suffix("")) for f in names]
+            detections += write_jsonl(out, ids, preds, classes)
+            columns = (names, batch.column("drawn").to_pylist(), batch.column("error").to_pylist())
+            for name, drawn, error in zip(*columns, strict=True):
+                if error:
+                    failed.append(f"{name}: {error}")
+                    continue
+                target = annotated / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(drawn)
+                written += 1
+    return written, detections, failed

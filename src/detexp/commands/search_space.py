@@ -50,7 +50,7 @@ def check_search_space(space: Mapping[str, Any], train_cfg: DictConfig, search: 
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.{kind}: a non-empty list of values, got {values!r}")
         if kind in ("loguniform", "uniform"):
-            _check_range(where, kind, values, train_cfg, key, search)
+            _check_range(where, kind, values, train_cfg, key=key, search=search)
         elif kind == "grid" and search == "optuna":
             raise ConfigError(f"{where}: grid is not supported with tune.search=optuna; use choice")
         for value in values if kind in ("choice", "grid") else []:

@@ -281,30 +281,7 @@ def parse_record(
         if mismatch:
             report(ann_rel, mismatch, "warning")
 
-    objects = ann.get("object") or []
-    boxes: list[list[float]] = []
-    labels: list[int] = []
-    difficult: list[bool] = []
-    n_fractional = 0
-    for number, obj in enumerate(objects, start=1):
-        parsed = _parse_object(number, obj, index, image, report, ann_rel)
-        if parsed is None:
-            continue
-        coords, label, is_difficult = parsed
-        n_fractional += any(c != int(c) for c in coords)
-        boxes.append(coords)
-        labels.append(label)
-        difficult.append(is_difficult)
-
-    if not objects:
-        report(ann_rel, "no objects (used as a negative image)", "warning")
-    if n_fractional:
-        report(
-            ann_rel,
-            f"non-integer box coordinates in {n_fractional} of {len(objects)} objects "
-            "(VOC uses integer pixel indices; kept as written)",
-            "warning",
-        )
+    boxes, labels, difficult = _parse_objects(ann.get("object") or [], index, image, report, ann_rel)
     if any(p.severity == "error" for p in problems):
         return None, problems
 
@@ -320,6 +297,34 @@ def parse_record(
         difficult=np.asarray(difficult, dtype=bool),
     )
     return record, problems
+
+
+def _parse_objects(objects: list, index, image: _ImageInfo, report, ann_rel: str):
+    """The usable objects' boxes, labels and difficult flags; each problem goes to
+    ``report``, and so do the annotation-wide warnings (no objects, fractional boxes)."""
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    difficult: list[bool] = []
+    n_fractional = 0
+    for number, obj in enumerate(objects, start=1):
+        parsed = _parse_object(number, obj, index, image, report=report, ann_rel=ann_rel)
+        if parsed is None:
+            continue
+        coords, label, is_difficult = parsed
+        n_fractional += any(c != int(c) for c in coords)
+        boxes.append(coords)
+        labels.append(label)
+        difficult.append(is_difficult)
+    if not objects:
+        report(ann_rel, "no objects (used as a negative image)", "warning")
+    if n_fractional:
+        report(
+            ann_rel,
+            f"non-integer box coordinates in {n_fractional} of {len(objects)} objects "
+            "(VOC uses integer pixel indices; kept as written)",
+            "warning",
+        )
+    return boxes, labels, difficult
 
 
 def _report_image_warnings(image: _ImageInfo, img_rel: str, report) -> None:

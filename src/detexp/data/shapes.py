@@ -196,7 +196,7 @@ def _place_shape(
     colour = _contrasting_colour(rng, under)
     mask = Image.new("L", (width, height), 0)
     for target, fill in ((draw, colour), (ImageDraw.Draw(mask), 255)):
-        _draw_shape(target, label, variant, x0, y0, side, fill)
+        _draw_shape(target, label, variant, (x0, y0, side), fill=fill)
     left, top, right, bottom = mask.getbbox()  # right/bottom exclusive, 0-based
     return _Shape(label, (left + 1, top + 1, right, bottom), bool(fraction < DIFFICULT_BELOW))
 
@@ -234,9 +234,11 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
 
 
 def _draw_shape(
-    draw: ImageDraw.ImageDraw, label: str, variant: int, x0: int, y0: int, side: int, fill
+    draw: ImageDraw.ImageDraw, label: str, variant: int, square: tuple[int, int, int], fill
 ) -> None:
-    """Draw a filled shape inside the square [x0, x0 + side) x [y0, y0 + side)."""
+    """Draw a filled shape inside the square [x0, x0 + side) x [y0, y0 + side), ``square``
+    being ``(x0, y0, side)``."""
+    x0, y0, side = square
     x1, y1 = x0 + side - 1, y0 + side - 1
     if label == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)

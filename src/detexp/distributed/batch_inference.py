@@ -101,7 +101,9 @@ class Predictor:
             for i, out in zip(usable, predict_batch(self.model, images), strict=True):
                 keep = out["scores"] >= self.min_score
                 outputs[i] = {k: v[keep] for k, v in out.items()}
-        return prediction_table(rows, outputs, self.classes, self.draw, self.draw_threshold, errors)
+        return prediction_table(
+            rows, outputs, self.classes, draw=self.draw, draw_threshold=self.draw_threshold, errors=errors,
+        )
 
 
 def decode_files(batch: pa.Table) -> pa.Table:

@@ -203,7 +203,8 @@ class DetectionDiagnostics:
         if missed + false and self.worst:
             # Copies: the records may be views into a whole batch's arrays.
             self._worst.append(ImageErrors(
-                image_id, missed, false, boxes[keep], scores[keep], labels[keep], gt_boxes.copy(), gt_labels.copy(),
+                image_id=image_id, missed=missed, false=false, det_boxes=boxes[keep], det_scores=scores[keep],
+                det_labels=labels[keep], gt_boxes=gt_boxes.copy(), gt_labels=gt_labels.copy(),
             ))
 
     def _confusion(self, boxes, labels, gt_boxes, gt_labels, difficult) -> None:

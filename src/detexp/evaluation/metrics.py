@@ -262,7 +262,8 @@ class DetectionEvaluator:
                     "(labels count from 1; 0 is background)"
                 )
         return ImageRecord(
-            image_id, det_boxes, det_scores, det_labels, gt_boxes, gt_labels, gt_difficult
+            image_id=image_id, det_boxes=det_boxes, det_scores=det_scores, det_labels=det_labels,
+            gt_boxes=gt_boxes, gt_labels=gt_labels, gt_difficult=gt_difficult,
         )
 
     def _add(self, records: list[ImageRecord]) -> None:

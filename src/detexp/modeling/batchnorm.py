@@ -13,8 +13,8 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     folded into that convolution's weights and bias, in place; returns ``model``.
 
     In eval mode a BatchNorm is a fixed per-channel scale and shift, so the results do not
-    change (up to float rounding), but one pass over each activation map is saved: on the
-    default detector it was 15% of a CPU inference batch (2026-11-27). The model must not be
+    change (up to float rounding), but one pass over each activation map is saved (a sixth
+    of the default detector's CPU inference, benchmarks/RESULTS.md). The model must not be
     trained afterwards; validation during training folds a copy."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -31,7 +31,8 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
             nhwc = conv.weight.is_contiguous(memory_format=torch.channels_last)  # trainer.channels_last
             memory_format = torch.channels_last if nhwc else torch.contiguous_format
             weight, bias = fuse_conv_bn_weights(
-                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+                conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                bn_eps=norm.eps, bn_w=norm.weight, bn_b=norm.bias,
             )
             conv.weight = torch.nn.Parameter(weight.detach().contiguous(memory_format=memory_format), requires_grad=False)
             conv.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)

@@ -2,14 +2,13 @@
 computed as one weighted gather instead of torchvision's CPU kernel.
 
 torchvision's CPU ``roi_align`` loops over every RoI, channel and sample point in one
-thread, and its backward scatters one float at a time: with the default's 256 RoIs a batch
-on two 20x20 and 10x10 maps of 256 channels it took 45 ms forward and 335 ms backward,
-about a quarter of a training step (2026-11-27, 2 cores). Each output bin of RoIAlign
+thread, and its backward scatters one float at a time: about a quarter of the default's
+training step on 2 cores (benchmarks/RESULTS.md). Each output bin of RoIAlign
 is a weighted sum of a few feature-map positions: ``sampling_ratio``² sample points, each
 a bilinear mix of its 4 neighbours. With the maps laid out as rows of channels (one row
 per position, which channels-last memory already is), that is ``F.embedding_bag`` with
 per-sample weights: a vectorised, multi-threaded sum of whole rows, and its backward adds
-whole rows. The same pooling took 4 ms forward and 25 ms backward.
+whole rows: about 10x faster, forward and backward.
 
 The sample points, bilinear weights and boundary rules are torchvision's
 (``aligned=False``, as its Faster R-CNN builders use): a point more than one pixel outside
@@ -48,7 +47,7 @@ class MultiScaleRoIAlign(_TorchvisionMultiScaleRoIAlign):
             )
         levels = self.map_levels(boxes) if len(features) > 1 else None
         return multiscale_roi_align_rows(
-            features, _rois(boxes), levels, self.scales, self.output_size, self.sampling_ratio
+            features, _rois(boxes), levels, self.scales, output_size=self.output_size, sampling_ratio=self.sampling_ratio
         )
 
 
@@ -96,7 +95,7 @@ def multiscale_roi_align_rows(
     # every level's map as rows of channels, one row per (image, y, x), levels one after another
     rows = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, num_channels) for f in features])
     with torch.no_grad():
-        index, weight = _sample_rows(features, rois, levels, scales, output_size, sampling_ratio)
+        index, weight = _sample_rows(features, rois, levels, scales, output_size=output_size, ratio=sampling_ratio)
     pooled = F.embedding_bag(index, rows, per_sample_weights=weight.to(rows.dtype), mode="sum")
     height, width = output_size
     return pooled.view(-1, height, width, num_channels).permute(0, 3, 1, 2)
