@@ -19,10 +19,10 @@ from PIL import Image
 
 from conftest import compose_train
 from detexp.commands.data_show import data_show
+from detexp.data.label_stats import pick_grid_images
 from detexp.data.parsing import check_dataset, parse_record
 from detexp.data.problems import class_names_summary
 from detexp.data.shapes import SHAPES_CLASSES
-from detexp.data.show import pick_grid_images
 from detexp.data.source import resolve
 from detexp.errors import DetexpError
 from test_data_check import error_rows, run_cli

@@ -2,7 +2,7 @@
 train and val splits on the console and in ``label_stats.json``, their plots in
 ``label_stats.png``, and ``gt_grid.jpg``: images with their ground-truth boxes drawn.
 
-The counting is :mod:`detexp.data.show` (pure, data layer); this module reads the images
+The counting is :mod:`detexp.data.label_stats` (pure, data layer); this module reads the images
 and draws, with :mod:`detexp.evaluation.figures` for the boxes and the grid, which is why it sits
 above the data layer rather than in it. No Ray: one loop over the annotations, reading
 only JPEG headers, runs in seconds even for Pascal VOC.
@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from detexp.data.parsing import object_name_images
-from detexp.data.problems import class_names_summary, has_unknown_classes, write_problems_csv
-from detexp.data.show import (
+from detexp.data.label_stats import (
     bin_labels,
     format_label_stats,
     label_stats,
@@ -27,6 +25,8 @@ from detexp.data.show import (
     pick_grid_images,
     read_records,
 )
+from detexp.data.parsing import object_name_images
+from detexp.data.problems import class_names_summary, has_unknown_classes, write_problems_csv
 from detexp.data.source import DataSource, resolve
 from detexp.data.voc import Problem, VOCRecord, image_path
 from detexp.errors import ConfigError
