@@ -29,12 +29,11 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
 from detexp.checkpoint.effective_config import prepare_inference
 from detexp.checkpoint.files import CHECKPOINT_FILE, load_state
-from detexp.config import plain
 from detexp.data.problems import format_problems, write_problems_csv
 from detexp.data.voc import SPLITS_DIR, list_annotation_ids, read_split_ids, seeded_split
 from detexp.distributed.batch_inference import (
@@ -238,23 +237,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
     ``run_dir`` and logged to an MLflow run tagged ``detexp.train_run_id``. Returns the
     metrics plus ``run_id`` and ``run_dir``. ``overrides`` are the command line's (which
     model/dataset keys replace the checkpoint's)."""
-    from detexp.distributed import cluster
-    from detexp.tracking.mlflow_runs import Tracker, command_line, default_run_name, inference_tags
+    from detexp.commands.inference_run import open_inference_run
 
     ckpt, eff, state = prepare_inference(cfg, overrides)
-    if eff.dataset.on_error not in ("skip", "raise"):
-        raise ConfigError(f"dataset.on_error={eff.dataset.on_error!r}: choose one of skip, raise")
-    tracker = Tracker(eff.tracking.uri, eff.tracking.experiment)  # refuses a dead server early
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(eff))
-    cluster.init_ray(eff.ray.address, eff.ray.verbose)
-    cluster.check_resources(eff.scaling)
-    run_id = tracker.start(
-        default_run_name(eff, "eval-"), plain(eff),
-        inference_tags("eval", overrides, ckpt.path, ckpt.train_run_id),
-        description=command_line("eval", list(overrides or [])),
-    )
+    tracker, run_id = open_inference_run("eval", eff, ckpt, run_dir, overrides)
     log.info("eval of %s (training run %s); MLflow run %s", ckpt.path, ckpt.train_run_id or "unknown", run_id)
     try:
         metrics, files, totals = evaluate_split(

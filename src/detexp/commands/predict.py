@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from detexp.checkpoint.effective_config import prepare_inference
-from detexp.config import plain
 from detexp.distributed.batch_inference import (
     BATCHES_PER_BLOCK,
     decode_files,
@@ -54,23 +53,14 @@ def predict(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | Non
     the file's path relative to the input folder, without its suffix)."""
     import ray
 
-    from detexp.distributed import cluster
-    from detexp.tracking.mlflow_runs import Tracker, command_line, default_run_name, inference_tags
+    from detexp.commands.inference_run import open_inference_run
 
     ckpt, eff, state = prepare_inference(cfg, overrides)
     folder, files = list_images(cfg.input)
-    tracker = Tracker(eff.tracking.uri, eff.tracking.experiment)
     run_dir = Path(run_dir).resolve()
+    tracker, run_id = open_inference_run("predict", eff, ckpt, run_dir, overrides)
     annotated = run_dir / "annotated"
     annotated.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(eff))
-    cluster.init_ray(eff.ray.address, eff.ray.verbose)
-    cluster.check_resources(eff.scaling)
-    run_id = tracker.start(
-        default_run_name(eff, "predict-"), plain(eff),
-        inference_tags("predict", overrides, ckpt.path, ckpt.train_run_id),
-        description=command_line("predict", list(overrides or [])),
-    )
     classes = list(eff.dataset.classes)
     log.info("predicting %d image(s) from %s with %s", len(files), folder, ckpt.path)
 
