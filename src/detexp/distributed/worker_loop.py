@@ -1,9 +1,10 @@
-"""``train_loop_per_worker``: the only module that talks to ``ray.train``.
+"""``train_loop_per_worker``: the only code that calls ``ray.train`` inside a worker.
 
 Every Ray Train worker runs :func:`train_loop_per_worker` with a :class:`WorkerPlan` (the
-resolved config and what the driver decided). It reads its own shard of the train and val datasets, trains with DDP when there
-are several workers, validates every epoch, and reports once per epoch with a checkpoint
-(rank 0 writes it) holding the unwrapped model, optimizer, lr_scheduler, config and epoch.
+resolved config and what the driver decided). It reads its own shard of the train and val
+datasets, trains with DDP when there are several workers, validates every epoch, and
+reports once per epoch with a checkpoint (rank 0 writes it) holding the unwrapped model,
+optimizer, lr_scheduler, config and epoch.
 """
 
 from __future__ import annotations
