@@ -138,7 +138,7 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
         # A new best epoch's checkpoint keeps its val predictions: the report at the end of
         # training (eval_at_end) is made from them instead of predicting again.
         predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and shown is not None else None
-        _report(metrics, training.checkpoint(plan.cfg, epoch), predictions)
+        _report(metrics, training, plan.cfg, epoch=epoch, predictions=predictions)
         if training.best.should_stop:
             return
 
@@ -452,15 +452,18 @@ def _gather_rows(rows: pa.Table | None) -> pa.Table | None:
     return pa.concat_tables(parts) if parts else None
 
 
-def _report(metrics: dict[str, Any], checkpoint: dict[str, Any], predictions: pa.Table | None = None) -> None:
-    """Report the epoch's metrics, with rank 0's ``checkpoint`` dict saved as
-    :data:`CHECKPOINT_FILE`; ``predictions`` (the val report rows of a new best epoch) go
-    beside it as :data:`PREDICTIONS_FILE`."""
+def _report(
+    metrics: dict[str, Any], training: Training, config: dict[str, Any], *, epoch: int,
+    predictions: pa.Table | None = None,
+) -> None:
+    """Report the epoch's metrics, with a checkpoint from rank 0 only (the other ranks
+    build none): ``training``'s state as :data:`CHECKPOINT_FILE`, and ``predictions``
+    (the val report rows of a new best epoch) beside it as :data:`PREDICTIONS_FILE`."""
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
+        torch.save(training.checkpoint(config, epoch), Path(tmp) / CHECKPOINT_FILE)
         if predictions is not None:
             with pa.ipc.new_file(str(Path(tmp) / PREDICTIONS_FILE), predictions.schema) as out:
                 out.write_table(predictions)
