@@ -30,8 +30,6 @@ PREDICTIONS_FILE = "val_predictions.arrow"
 FINAL_FILE = "model_final.pt"
 BEST_FILE = "model_best.pt"
 RUN_ID_FILE = "mlflow_run_id"  # a training run directory's MLflow run id
-
-
 # File names a run directory of `train` may hold, in the order eval prefers them.
 CHECKPOINT_NAMES = (BEST_FILE, FINAL_FILE, CHECKPOINT_FILE)
 

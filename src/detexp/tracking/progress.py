@@ -11,7 +11,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from detexp.epoch_report import CONTROL_KEYS, DIVERGED, IMPROVED, STOPPED_EARLY
+from detexp.epoch_report import (
+    BEST_EPOCH,
+    BEST_VALUE,
+    CONTROL_KEYS,
+    DIVERGED,
+    EPOCH,
+    IMPROVED,
+    STOPPED_EARLY,
+)
 
 log = logging.getLogger("detexp")
 
@@ -47,7 +55,7 @@ class EpochProgress:
         self.done = 0
         self.failures = 0
         self.last: dict[str, Any] = dict(previous or {})
-        self.last_epoch = int(previous["epoch"]) if previous else None
+        self.last_epoch = int(previous[EPOCH]) if previous else None
         self.diverged: tuple[int, dict[str, Any]] | None = None
         self.callbacks = list(callbacks)
         self.monitor = monitor
@@ -58,7 +66,7 @@ class EpochProgress:
         """Log the reports of kept checkpoints (oldest first) whose metrics never reached
         MLflow (the previous process died between the two)."""
         for metrics in kept:
-            epoch = int(metrics["epoch"])
+            epoch = int(metrics[EPOCH])
             if epoch not in self.logged:
                 self._log(epoch, metrics)
                 log.info("recorded epoch %d/%d from its checkpoint (the previous process stopped first)",
@@ -70,7 +78,7 @@ class EpochProgress:
 
     def on_report(self, metrics: dict[str, Any]) -> None:
         self.live.close()
-        epoch = int(metrics["epoch"])
+        epoch = int(metrics[EPOCH])
         if DIVERGED in metrics:
             self.diverged = (epoch, metrics[DIVERGED])
             return
@@ -108,9 +116,9 @@ class EpochProgress:
 
     def _log(self, epoch: int, metrics: dict[str, Any]) -> None:
         values = {k: v for k, v in metrics.items() if k not in CONTROL_KEYS} | {EPOCH_KEY: epoch}
-        if metrics.get("best/value") is not None:
-            values["best/epoch"] = metrics["best/epoch"]
-            values["best/" + self.monitor.replace("/", "_")] = metrics["best/value"]
+        if metrics.get(BEST_VALUE) is not None:
+            values[BEST_EPOCH] = metrics[BEST_EPOCH]
+            values["best/" + self.monitor.replace("/", "_")] = metrics[BEST_VALUE]
         self.tracker.log_metrics(values, step=epoch)
         self.logged.add(epoch)
 
@@ -120,7 +128,7 @@ class EpochProgress:
         if last.get(STOPPED_EARLY):
             return (
                 f"early stop: {self.monitor} did not improve for {patience} epoch(s) after epoch "
-                f"{int(last['best/epoch']) + 1} ({last['best/value']:.4f}); trained {int(last['epoch']) + 1} "
+                f"{int(last[BEST_EPOCH]) + 1} ({last[BEST_VALUE]:.4f}); trained {int(last[EPOCH]) + 1} "
                 f"of {self.epochs} epochs"
             )
         return f"completed {self.epochs} epoch{'s' if self.epochs != 1 else ''}"
