@@ -144,7 +144,7 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
 
     Ray side: ``detexp.commands.train.train`` in-process on generated shapes (``train_steps`` x 8
     images at the default 192 px, no val split), default model ``mobilenet_320_cpu``, batch
-    8, 1 worker with ``scaling.cpus_per_worker=2``, ``train_epochs`` epochs, no end report,
+    8, 1 worker with 2 torch threads (the local scaling's), ``train_epochs`` epochs, no end report,
     no system metrics. Its value is the LAST epoch's ``train/images / train/epoch_s`` (the
     worker's own ``engine.train_one_epoch`` clock: every step, waiting for each batch from
     the Ray Data shard included; the first epoch, with its start-up and warm-up lr, is
@@ -176,7 +176,7 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
     images = s.train_steps * BATCH
     overrides = [
         *b.train_overrides("overhead"), "model=mobilenet_320_cpu", f"dataset.batch_size={BATCH}",
-        "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"schedule.epochs={s.train_epochs}",
+        "scaling.num_workers=1", "scaling.threads_per_worker=2", f"schedule.epochs={s.train_epochs}",
         f"dataset.synth.num_train={images}", "dataset.synth.num_val=0", "dataset.val_split=null",
     ]
     cfg = compose(overrides)
@@ -469,7 +469,7 @@ def measure_memory_growth(b: Bench) -> tuple[Values, Details]:
     for factor in (1, 4):
         n = s.memory_train_images * factor
         overrides = [
-            *b.train_overrides("memory"), f"dataset.batch_size={BATCH}", "scaling.cpus_per_worker=2",
+            *b.train_overrides("memory"), f"dataset.batch_size={BATCH}", "scaling.threads_per_worker=2",
             "schedule.epochs=1", "schedule.lr_steps=[]", f"dataset.synth.num_train={n}",
             f"dataset.synth.num_val={max(n // 4, 1)}", f"dataset.synth.image_size={s.memory_image_size}",
         ]

@@ -21,8 +21,8 @@ CONF_DIR = str(Path(detexp.__file__).parent / "conf")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray, started once: 2 cores + 1 logical CPU for the data pipeline,
-    like ``detexp train`` starts it."""
+    """A real local Ray, started once, as ``detexp train`` starts it: the CPUs Ray detects
+    (2 on CI)."""
     from detexp.distributed.cluster import init_ray
 
     if not ray.is_initialized():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
@@ -33,9 +34,9 @@ HAS_DASHBOARD = importlib.util.find_spec("aiohttp_cors") is not None
 def two_nodes():
     if ray.is_initialized():
         ray.shutdown()  # the session's local Ray; this module needs its own cluster
-    # The head has a CPU more than two smoke workers take: after the elastic test removes the
-    # other node, both workers fit there and Ray Data still has a CPU to decode on.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": HAS_DASHBOARD})
+    # No spare CPU on the head: after the elastic test removes the other node, its two
+    # 1-CPU workers would take both, and the data pipeline must still get one.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": HAS_DASHBOARD})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     cluster.dashboard_url = ray.init(address=cluster.address, log_to_driver=False).dashboard_url
@@ -158,12 +159,77 @@ def test_tune_two_trials_on_the_cluster(two_nodes, tmp_path, shapes_cache):
     assert Path(result["best_config"]).is_file()
 
 
+@pytest.fixture
+def private_node(two_nodes, tmp_path_factory):
+    """A third node (1 CPU) in its own mount namespace, where the folder ``driver_only`` is an
+    empty tmpfs: a node that does not see the driver's disk, as on a cluster whose nodes
+    share only what is meant to be shared (here the rest of the test's folders)."""
+    if sys.platform != "linux" or not _can_unshare_mounts():
+        pytest.skip("needs mount namespaces (root on Linux)")
+    driver_only = tmp_path_factory.mktemp("driver_only")
+    before = _alive_nodes()
+    ray_cli = Path(sys.executable).parent / "ray"
+    node = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs {driver_only} && exec {ray_cli} start --address={two_nodes.address} "
+         "--num-cpus=1 --block --disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: len(_alive_nodes() - before) == 1, "the private node to join")
+        yield driver_only
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+        _wait_for(lambda: _alive_nodes() == before, "the private node to leave")
+
+
+def test_start_weights_only_the_driver_sees_reach_every_node(private_node, tmp_path, shapes_cache):
+    """model.checkpoint on the driver's disk only: the workers on the other nodes (one of
+    them cannot see that disk) get its bytes, as they get torchvision weights."""
+    from detexp.modeling.detector import build_detector
+
+    base = _cfg(tmp_path, shapes_cache)
+    start = private_node / "start.pt"
+    torch.save(build_detector(base.model, len(base.dataset.classes) + 1).state_dict(), start)
+    cfg = _cfg(tmp_path, shapes_cache, "scaling.num_workers=3", "scaling.placement_strategy=SPREAD",
+               f"scaling.storage_path={tmp_path / 'shared'}", f"model.checkpoint={start}", "schedule.epochs=1",
+               "eval_at_end=false")
+    result = train(cfg, private_node / "run")
+    assert result["train/nodes"] == 3 and result["train/workers"] == 3  # the private node trained too
+    assert Path(result["checkpoint"]).is_file()
+
+
+def test_tune_logs_every_trial_to_the_drivers_sqlite_store(private_node, tmp_path, shapes_cache):
+    """Three trials at once (5 CPUs, 1.5 a trial), the MLflow store and the tune's folder on
+    the driver's disk only: every trial runs its actor on the driver's node, so all of them,
+    with every epoch, reach that one SQLite file, written by three trials at once."""
+    store = f"sqlite:///{private_node}/mlflow.db"
+    cfg = _cfg(tmp_path, shapes_cache, "tune.num_samples=3", "schedule.epochs=2", "tune.scheduler=fifo",
+               f"tracking.uri={store}", f"scaling.storage_path={tmp_path / 'shared'}", "eval_at_end=false",
+               config_name="tune")
+    result = tune(cfg, private_node / "tune")
+    assert result["trials"] == 3
+    client = MlflowClient(tracking_uri=store)
+    children = client.search_runs(
+        [client.get_experiment_by_name("detexp").experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'"
+    )
+    assert len(children) == 3
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for key in ("train/loss", "val/map_50", "epoch"):
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == [0, 1], key
+        assert (private_node / "tune" / "trials" / child.data.tags["detexp.trial_id"] / "model_final.pt").is_file()
+
+
 def test_elastic_run_finishes_after_losing_a_node(two_nodes, tmp_path, shapes_cache):
     """scaling.min_workers=1: the second node goes away after the first epoch; Ray Train
-    restarts from that epoch's checkpoint on the workers the head alone can hold, and the
-    run ends with all its epochs. Last in this module: it takes a node away (and adds one back)."""
+    restarts from that epoch's checkpoint on the workers the head can hold while a CPU stays
+    free for the data pipeline (the head's 2 CPUs would hold both 1-CPU workers, whose first
+    batch would then never come), and the run ends with all its epochs. Last in this
+    module: it takes a node away (and adds one back)."""
     (worker_node,) = two_nodes.worker_nodes
-    cfg = _cfg(tmp_path, shapes_cache, "scaling.num_workers=2", "scaling.min_workers=1",
+    cfg = _cfg(tmp_path, shapes_cache, "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.min_workers=1",
                "scaling.max_failures=2", "scaling.placement_strategy=SPREAD", "schedule.epochs=3",
                f"scaling.storage_path={tmp_path / 'shared'}")
     epochs: list[dict] = []
@@ -184,5 +250,6 @@ def test_elastic_run_finishes_after_losing_a_node(two_nodes, tmp_path, shapes_ca
     assert [int(m["epoch"]) for m in epochs] == [0, 1, 2]  # none repeated, none missing
     assert epochs[0]["train/workers"] == 2 and epochs[0]["train/nodes"] == 2
     assert [m["train/nodes"] for m in epochs[1:]] == [1, 1]  # the head, alone
+    assert [m["train/workers"] for m in epochs[1:]] == [1, 1]  # one CPU of two: the other decodes
     assert result["epochs_done"] == 3
     assert Path(result["checkpoint"]).is_file()

@@ -125,6 +125,8 @@ def test_command_line_typo_fails_in_seconds_without_traceback(tmp_path):
     [
         ("scaling.min_workers=2", "scaling.min_workers=2 must be between 1 and scaling.num_workers=1"),
         ("optimizer.reference_batch=0", "optimizer.reference_batch=0 must be at least 1"),
+        ("scaling.cpus_per_worker=0", r"scaling.cpus_per_worker=0.0 must be more than 0"),
+        ("scaling.threads_per_worker=0", "scaling.threads_per_worker=0 must be at least 1"),
     ],
 )
 def test_impossible_scaling_values_are_refused(override, words):

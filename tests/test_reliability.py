@@ -91,6 +91,38 @@ def test_worker_killed_mid_epoch_run_finishes_from_last_checkpoint(ray_cluster, 
     assert not set(killed) & _train_worker_pids()
 
 
+def test_a_pipeline_without_a_cpu_fails_within_the_stall_timeout_saying_why(ray_cluster, smoke_cfg, tmp_path):
+    """Another job holds the CPU the run kept for decoding (the worker holds the other one):
+    the first batch never comes, and instead of waiting for ever the worker fails after
+    trainer.stall_timeout_s, naming what it waited for and the CPUs free."""
+    from detexp.errors import WorkerStalledError
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+
+    @ray_cluster.remote(num_cpus=cpus - 1)
+    class OtherJob:
+        def ready(self) -> bool:
+            return True
+
+    other = OtherJob.remote()
+    ray_cluster.get(other.ready.remote())
+    cfg = smoke_cfg(*TINY, NO_VAL, "scaling.cpus_per_worker=1", "trainer.stall_timeout_s=20")
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkerStalledError) as stalled:
+            train(cfg, tmp_path / "run")
+    finally:
+        ray_cluster.kill(other)
+    assert time.monotonic() - started < 150  # start-up, the 20 s, Ray Train's failure handling
+    message = str(stalled.value)
+    assert "worker 0: no progress for 2" in message and "(trainer.stall_timeout_s=20)" in message
+    assert "waiting for batch 1 of training epoch 1/2 from the data pipeline" in message
+    assert f"0 of the cluster's {cpus} CPUs are free" in message
+    assert "continue with resume=true" in message
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text())
+    assert run.info.status == "FAILED"
+
+
 # --------------------------------------------------------------------------- divergence
 
 

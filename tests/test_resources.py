@@ -14,7 +14,7 @@ from detexp.errors import ResourceError
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["scaling.num_workers=8"], ["scaling.num_workers=8", "the Ray cluster has"]),
+        (["scaling.num_workers=8"], ["scaling.num_workers=8", "the Ray cluster has", "or reserve scaling.cpus_per_worker=0."]),
         (["scaling.use_gpu=true"], ["GPU workers", "has 0 GPUs"]),
     ],
 )

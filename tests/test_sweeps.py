@@ -70,9 +70,9 @@ def test_a_bad_search_is_refused_before_ray_naming_the_key(tmp_path, shapes_cach
 def test_trials_that_cannot_be_placed_fail_saying_what_one_needs():
     scaling = OmegaConf.create({"num_workers": 2, "cpus_per_worker": 2, "use_gpu": True})
     assert max_concurrent_trials(scaling, {"CPU": 17, "GPU": 4}, 1) == 2  # GPUs: 2 per trial
-    assert max_concurrent_trials(scaling, {"CPU": 11, "GPU": 8}, 1) == 2  # CPUs: 4.01 + 1 for data per trial
-    assert max_concurrent_trials(scaling, {"CPU": 10, "GPU": 8}, 1) == 1
-    with pytest.raises(ResourceError, match=r"one trial needs 4.01 CPUs .* and 2 GPUs.* has 16 CPUs and 1 GPUs"):
+    assert max_concurrent_trials(scaling, {"CPU": 10, "GPU": 8}, 1) == 2  # CPUs: 4 + 1 for data per trial
+    assert max_concurrent_trials(scaling, {"CPU": 9, "GPU": 8}, 1) == 1
+    with pytest.raises(ResourceError, match=r"one trial needs 4 CPUs .* and 2 GPUs.* has 16 CPUs and 1 GPUs"):
         max_concurrent_trials(scaling, {"CPU": 16, "GPU": 1}, 1)
 
 
@@ -198,4 +198,8 @@ def test_asha_stops_a_trial_early_and_says_so(ray_cluster, tmp_path, shapes_cach
     )
     assert len(stopped) == result["stopped_early"]
     assert all(r.info.status == "KILLED" for r in stopped)
+    for run in stopped:  # every epoch it trained, the one ASHA stopped it at included
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/map"))
+        assert steps and steps == list(range(len(steps))), (run.info.run_name, steps)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == steps
     assert "STOPPED" in (tmp_path / "tune" / "sweep_summary.md").read_text()

@@ -15,9 +15,11 @@ def _history(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-@pytest.mark.parametrize("workers", [1])
+# Two DDP workers (gloo), sharing 2 cores (the smoke experiment's 0.5 CPU each): the
+# default suite's multi-worker run; the shared smoke checkpoint (conftest) is one worker's.
+@pytest.mark.parametrize("workers", [2])
 def test_smoke_run_logs_everything_and_stops_early(ray_cluster, smoke_cfg, tmp_path, workers):
-    # lr 0.02 is declared for 8 images a step; smoke trains on 4 (1 worker x 4): lr 0.01.
+    # lr 0.02 is declared for 8 images a step; smoke trains on 4 per worker: lr 0.01 each.
     # Patience: the number of val images never improves, so epoch 1 stays the best and
     # patience 1 ends the 4-epoch run after epoch 2 (a smoke model's map_50 is too close
     # to 0 to rank epochs reliably); the best checkpoint is then not the last one.
@@ -34,6 +36,7 @@ def test_smoke_run_logs_everything_and_stops_early(ray_cluster, smoke_cfg, tmp_p
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert float(run.data.params["optimizer.scaled_lr"]) == pytest.approx(lr)
     assert run.data.params["scaling.num_workers"] == str(workers)
+    assert run.data.metrics["train/workers"] == workers  # every epoch trained by both ranks
     assert run.data.params["dataset.classes"] == str(list(cfg.dataset.classes))
     assert run.data.tags["detexp.overrides"] == f"scaling.num_workers={workers}"
     # one value per epoch (not per batch) for losses, lr and validation metrics

@@ -184,7 +184,10 @@ class ScheduleConfig:
 class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1  # CPUs Ray reserves for each worker (0.5: two share a core)
+    # torch threads of each worker (null = its cpus_per_worker). More than it reserves lets
+    # its steps use a core the data pipeline leaves idle part of the time (conf/scaling/local.yaml).
+    threads_per_worker: int | None = None
     max_failures: int = 0  # Ray Train FailureConfig: worker failures to recover from
     # Where Ray Train keeps checkpoints: null = <run dir>/checkpoints; on a cluster of
     # several nodes a shared filesystem path or a URI (s3://, gs://) every node reaches.
@@ -234,6 +237,11 @@ class TrainerConfig:
     # the generated shapes' 100 are 11 MiB, VOC07 test's 4952 about 2.7 GiB over all
     # workers): later epochs validate without Ray Data. 0 = decode them every epoch.
     keep_val_mib: float = 1024
+    # A worker that makes no progress (no batch, step or report) for this many seconds fails,
+    # saying what it waited for (the data pipeline and the CPUs free for it, the other ranks, the
+    # checkpoint storage); it counts under scaling.max_failures. Workers that cannot be placed
+    # are given as long before the run fails. null = wait for ever.
+    stall_timeout_s: float | None = 300
 
 
 @dataclass

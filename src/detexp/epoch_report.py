@@ -11,5 +11,3 @@ IMPROVED = "improved"  # the epoch just trained is the new best by schedule.moni
 STOPPED_EARLY = "stopped_early"  # patience ran out after it (the last report of the run)
 BEST_EPOCH = "best/epoch"
 BEST_VALUE = "best/value"
-# Keys that steer the driver rather than describe the epoch: not logged as metrics.
-CONTROL_KEYS = (EPOCH, EPOCHS_DONE, IMPROVED, STOPPED_EARLY, BEST_EPOCH, BEST_VALUE)

@@ -24,6 +24,10 @@ class TrackingError(DetexpError):
     """The MLflow tracking server cannot be reached."""
 
 
+class WorkerStalledError(DetexpError):
+    """A Train worker made no progress for trainer.stall_timeout_s (the message says why)."""
+
+
 class TrainingDivergedError(DetexpError):
     """The loss became NaN or infinite."""
 

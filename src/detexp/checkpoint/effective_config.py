@@ -58,6 +58,17 @@ def effective_config(cfg: DictConfig, ckpt: CheckpointInfo, overrides: Sequence[
     return OmegaConf.create(with_sections)
 
 
+def check_scaling(scaling: DictConfig) -> None:
+    """The worker counts of train, eval and predict, before Ray starts."""
+    if scaling.num_workers < 1:
+        raise ConfigError(f"scaling.num_workers={scaling.num_workers} must be at least 1")
+    if scaling.cpus_per_worker <= 0:
+        raise ConfigError(f"scaling.cpus_per_worker={scaling.cpus_per_worker} must be more than 0 (0.5 shares a core)")
+    threads = scaling.get("threads_per_worker")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"scaling.threads_per_worker={threads} must be at least 1 (or null: from scaling.cpus_per_worker)")
+
+
 def prepare_inference(cfg: DictConfig, overrides: Sequence[str] | None):
     """Checks shared by eval and predict, all before Ray or MLflow start: the checkpoint,
     the effective config and weights that fit it. Returns ``(info, config, state)``."""
@@ -65,8 +76,7 @@ def prepare_inference(cfg: DictConfig, overrides: Sequence[str] | None):
 
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
-    if cfg.scaling.num_workers < 1 or cfg.scaling.cpus_per_worker < 1:
-        raise ConfigError("scaling.num_workers and scaling.cpus_per_worker must be at least 1")
+    check_scaling(cfg.scaling)
     if str(cfg.checkpoint or "").startswith("models:/"):  # a version of the MLflow model registry
         from detexp.tracking.mlflow_runs import download_model
 

@@ -12,6 +12,8 @@ the patience count) and ``classes``.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any
 
 import torch
 
-from detexp.epoch_report import IMPROVED
+from detexp.epoch_report import EPOCH, IMPROVED
 from detexp.errors import ConfigError
+
+log = logging.getLogger("detexp")
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each of Ray Train's checkpoint folders
 CHECKPOINT_FORMAT = "detexp-checkpoint-v1"
@@ -108,12 +112,17 @@ def load_state(path: Path, model_cfg: Any, num_classes: int) -> dict[str, torch.
 
 
 def copy_checkpoint_file(checkpoint: Any, target: Path) -> Path:
-    """Copy the ``checkpoint.pt`` of a Ray checkpoint (or a path to its folder) to ``target``."""
-    if isinstance(checkpoint, str | Path):
-        shutil.copyfile(Path(checkpoint) / CHECKPOINT_FILE, target)
-        return target
-    with checkpoint.as_directory() as d:
-        shutil.copyfile(Path(d) / CHECKPOINT_FILE, target)
+    """Copy the ``checkpoint.pt`` of a Ray checkpoint (or a path to its folder) to ``target``,
+    atomically: into a temporary file beside it, then renamed, so that ``target`` is always
+    a whole checkpoint (the previous one until the copy is complete)."""
+    with contextlib.ExitStack() as stack:
+        folder = Path(checkpoint) if isinstance(checkpoint, str | Path) else Path(stack.enter_context(checkpoint.as_directory()))
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            shutil.copyfile(folder / CHECKPOINT_FILE, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     return target
 
 
@@ -145,8 +154,18 @@ class BestModelFile:
         if not report.get(IMPROVED):
             return
         self.predictions = read_predictions(checkpoint) if checkpoint is not None else None
-        if checkpoint is not None:
+        if checkpoint is None:
+            return
+        try:
             copy_checkpoint_file(checkpoint, self.path)
+        except OSError as exc:  # a full disk, say: the epoch's metrics are still recorded
+            epoch = report.get(EPOCH)
+            log.warning("could not write %s for the new best epoch%s: %s; it is left out (the "
+                        "checkpoint itself is in Ray Train's storage)", self.path,
+                        f" {int(epoch) + 1}" if epoch is not None else "", exc)
+            self.predictions = None
+            with contextlib.suppress(OSError):  # never a file of an older best epoch under that name
+                self.path.unlink(missing_ok=True)
 
     def existing(self) -> Path | None:
         return self.path if self.path.is_file() else None

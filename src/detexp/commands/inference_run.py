@@ -24,8 +24,7 @@ def open_inference_run(
     tracker = Tracker(eff.tracking.uri, eff.tracking.experiment)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(eff))
-    cluster.init_ray(eff.ray.address, eff.ray.verbose)
-    cluster.check_resources(eff.scaling)
+    cluster.start_ray(eff.scaling, eff.ray.address, eff.ray.verbose)
     run_id = tracker.start(
         default_run_name(eff, f"{command}-"), plain(eff),
         inference_tags(command, overrides, ckpt.path, ckpt.train_run_id),

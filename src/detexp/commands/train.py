@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from detexp.checkpoint.effective_config import check_scaling
 from detexp.checkpoint.files import FINAL_FILE, RUN_ID_FILE, BestModelFile, copy_checkpoint_file
 from detexp.checkpoint.storage import (
     RunStorage,
@@ -39,7 +40,7 @@ from detexp.data.problems import (
 from detexp.data.source import DataSource, resolve
 from detexp.data.voc import Problem
 from detexp.epoch_report import BEST_EPOCH, EPOCHS_DONE, STOPPED_EARLY
-from detexp.errors import ConfigError, DetexpError, TrainingDivergedError
+from detexp.errors import ConfigError, DetexpError, TrainingDivergedError, WorkerStalledError
 from detexp.tracking.progress import EPOCH_KEY, EpochProgress, summary_table
 
 if TYPE_CHECKING:
@@ -58,8 +59,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_optim_config(cfg.optimizer, cfg.schedule)
     if cfg.dataset.batch_size < 1:
         raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} must be at least 1")
-    if cfg.scaling.num_workers < 1 or cfg.scaling.cpus_per_worker < 1:
-        raise ConfigError("scaling.num_workers and scaling.cpus_per_worker must be at least 1")
+    check_scaling(cfg.scaling)
     min_workers = cfg.scaling.min_workers
     if min_workers is not None and not 1 <= min_workers <= cfg.scaling.num_workers:
         raise ConfigError(
@@ -67,6 +67,9 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     if cfg.trainer.amp == "fp16" and not cfg.scaling.use_gpu:
         raise ConfigError("trainer.amp=fp16 needs scaling.use_gpu=true; on a CPU use trainer.amp=bf16")
+    stall = cfg.trainer.stall_timeout_s
+    if stall is not None and stall <= 0:
+        raise ConfigError(f"trainer.stall_timeout_s={stall} must be more than 0 (or null: wait for ever)")
     if cfg.trainer.prefetch_batches < 0:
         raise ConfigError(f"trainer.prefetch_batches={cfg.trainer.prefetch_batches} must be 0 or more")
     name = cfg.tracking.register_model
@@ -114,6 +117,7 @@ def train(
     ray_callbacks: Sequence[Any] = (),
     tags: Mapping[str, str] | None = None,
     live_progress: bool = True,
+    record_reports: bool = True,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says, writing checkpoints and the resolved config into
     ``run_dir`` and everything into one MLflow run. Returns the last epoch's metrics
@@ -123,7 +127,9 @@ def train(
     the driver with each epoch's metrics once they are logged; ``ray_callbacks`` go to Ray
     Train's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``); ``tags`` are added
     to the MLflow run (``mlflow.parentRunId`` for a run of a sweep); ``live_progress``
-    shows rank 0's steps during each epoch (a Tune trial turns it off).
+    shows rank 0's steps during each epoch (a Tune trial turns it off); ``record_reports``
+    False leaves each epoch's metrics for the caller to log into the run (a Tune trial's
+    are logged by the tune driver, which outlives the trial).
 
     With ``cfg.resume`` and a ``run_dir`` that holds checkpoints, training continues
     after the last checkpoint (model, optimizer, schedule) in the same MLflow run;
@@ -139,7 +145,7 @@ def train(
         raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
     datasets, counts = _start_ray_and_read(run, source)
     run_id = _open_tracking(run, counts)
-    progress, best_model = _driver_views(run, callbacks)
+    progress, best_model = _driver_views(run, callbacks, record_reports=record_reports)
     if run.previous is not None:
         log.info(
             "resuming from the checkpoint of epoch %d/%d (%s): training continues with epoch %d/%d "
@@ -213,8 +219,7 @@ def _start_ray_and_read(run: TrainRun, source: DataSource) -> tuple[dict[str, An
     from detexp.distributed import cluster
 
     cfg = run.cfg
-    cluster.init_ray(cfg.ray.address, cfg.ray.verbose)
-    cluster.check_resources(cfg.scaling)
+    cluster.start_ray(cfg.scaling, cfg.ray.address, cfg.ray.verbose)
     cluster.check_storage(run.storage.path, source.root)  # every node that may host a worker reaches both
     datasets, counts, problems = _load_datasets(cfg, source)
     _apply_error_policy(cfg, problems, run.dir, source)
@@ -243,7 +248,8 @@ def _open_tracking(run: TrainRun, counts: dict[str, int]) -> str:
     return run_id
 
 
-def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback]) -> tuple[EpochProgress, BestModelFile]:
+def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback], *,
+                  record_reports: bool = True) -> tuple[EpochProgress, BestModelFile]:
     """The console/MLflow progress and the run's ``model_best.pt``, both brought up to date
     with the checkpoints a resumed run keeps. Call after the MLflow run has started."""
     cfg = run.cfg
@@ -251,6 +257,7 @@ def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback]) -> tuple[Ep
         run.tracker, epochs=cfg.schedule.epochs, max_failures=cfg.scaling.max_failures,
         logged=run.tracker.logged_steps(EPOCH_KEY), previous=run.previous.metrics if run.previous else None,
         callbacks=callbacks, monitor=cfg.schedule.monitor, progress_every_s=cfg.progress_every_s,
+        record_reports=record_reports,
     )
     best_model = BestModelFile(run.dir)
     if run.previous is not None:
@@ -272,6 +279,9 @@ def _worker_plan(run: TrainRun, source: DataSource, counts: dict[str, int]) -> W
         steps_per_epoch=math.ceil(rows_per_worker / cfg.dataset.batch_size),
         shown=tuple(sorted(source.val_ids)[:GRID_IMAGES]) if cfg.eval_at_end else (),  # drawn in the report's grid
         weights=share_files(run.weights),  # nodes without them get them from the object store
+        # like the torchvision weights: a node that does not see the file gets its bytes
+        start_weights=share_files([cfg.model.checkpoint]).get(Path(cfg.model.checkpoint).name)
+        if cfg.model.checkpoint else None,
     )
     log.info(
         "training %s on %d images (%d val) with %d worker(s), %d epochs; run dir %s",
@@ -290,8 +300,10 @@ def _fit(run: TrainRun, plan: WorkerPlan, datasets: dict[str, Any], progress: Ep
     cfg = run.cfg
 
     def on_report(metrics: dict[str, Any], checkpoint: Any) -> None:
-        best_model.update(metrics, checkpoint)
-        progress.on_report(metrics)
+        try:
+            best_model.update(metrics, checkpoint)  # before Ray Train may delete that checkpoint
+        finally:  # whatever happened to the copy, the epoch's metrics are recorded
+            progress.on_report(metrics)
 
     driver = DriverCallbacks(on_report, progress.on_failure, progress.on_step if live_progress else None)
     try:
@@ -420,11 +432,15 @@ def _explain(exc: BaseException, run_dir: Path, experiment: str) -> BaseExceptio
 
     from detexp.distributed.controller import describe_failure
 
-    if not isinstance(exc, TrainingFailedError):
+    if isinstance(exc, WorkerStalledError):
+        text = str(exc)
+    elif isinstance(exc, TrainingFailedError):
+        failures = getattr(exc, "worker_failures", {}) or {}
+        # the controller's own failure: the workers could not be placed (trainer.stall_timeout_s)
+        text = describe_failure(next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc))
+    else:
         return exc
-    failures = getattr(exc, "worker_failures", {}) or {}
-    text = describe_failure(next(iter(failures.values()), exc))
-    return DetexpError(
+    return (WorkerStalledError if isinstance(exc, WorkerStalledError) else DetexpError)(
         f"training failed: {text}; checkpoints so far are in {experiment} "
         f"(continue with resume=true hydra.run.dir={run_dir})"
     )

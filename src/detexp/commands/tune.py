@@ -6,10 +6,13 @@ trial, with Ray Train's ``TuneReportCallback`` so that every epoch's report reac
 (and ASHA) as one result. Each trial is its own train run: its run directory is
 ``<tune dir>/trials/<trial id>`` and its MLflow run is a child of the tune's parent run.
 
-Resources: a trial's actor reserves :data:`TRIAL_CPUS` (it only waits on its Train run),
-its Train workers reserve theirs separately (``num_workers x cpus_per_worker`` CPUs, and
-GPUs), and the data pipeline needs spare CPUs; :func:`max_concurrent_trials` does that
-arithmetic, so trials never wait forever for workers that cannot be placed.
+Resources: a trial's actor reserves no CPU (it only waits on its Train run) and is placed
+on the driver's node (:func:`trial_placement`), so that every MLflow write and run directory
+of a trial is on the driver's node: a store only the driver reaches (the default
+SQLite file) works on any cluster. Its Train workers reserve theirs separately
+(``num_workers x cpus_per_worker`` CPUs, and GPUs), and the data pipeline needs spare CPUs;
+:func:`max_concurrent_trials` does that arithmetic, so trials never wait forever for
+workers that cannot be placed.
 
 Resume: a trial's Train run has a stable name and storage (its run directory), so a
 restored trial (``Tuner.restore``) continues from its last checkpoint in the same MLflow run.
@@ -32,24 +35,37 @@ from ray.tune import Callback
 
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig, plain
+from detexp.epoch_report import DIVERGED, EPOCH
 from detexp.errors import ConfigError, ResourceError
+from detexp.tracking.progress import EPOCH_KEY, epoch_values
 
 log = logging.getLogger("detexp")
 
 
-# The trial actor only waits on its Train run (and logs to MLflow), so it reserves a token
-# share of a CPU: Tune also places trials that wait for their turn, and a whole CPU each
-# would take the one the data pipeline needs, stalling the running trial.
-TRIAL_CPUS = 0.01
+# The trial actor only waits on its Train run (and logs to MLflow), so it reserves no CPU:
+# Tune also places trials that wait for their turn, and a CPU each would take the one the
+# data pipeline needs, stalling the running trial. A placement group's bundle cannot be
+# empty, so it holds this much of Ray's logical memory instead.
+TRIAL_MEMORY = 64 << 20
 EXPERIMENT = "tune"  # Tune's experiment folder inside the run directory
 TIME_ATTR = "epochs_done"  # what ASHA counts: epochs trained, also across a resume
 
 
 def trial_resources(scaling: Any) -> tuple[float, int]:
-    """CPUs and GPUs one trial holds: its actor plus its Train workers."""
-    cpus = TRIAL_CPUS + scaling.num_workers * scaling.cpus_per_worker
+    """CPUs and GPUs one trial holds: its Train workers' (its actor holds none)."""
+    cpus = scaling.num_workers * scaling.cpus_per_worker
     gpus = scaling.num_workers if scaling.use_gpu else 0
     return cpus, gpus
+
+
+def trial_placement(node_id: str):
+    """What a trial actor reserves (no CPU), on the node ``node_id`` (the driver's) by
+    its ``ray.io/node-id`` label."""
+    from ray import tune as ray_tune
+
+    return ray_tune.PlacementGroupFactory(
+        [{"memory": TRIAL_MEMORY}], bundle_label_selector=[{"ray.io/node-id": node_id}],
+    )
 
 
 def max_concurrent_trials(scaling: Any, cluster: Mapping[str, float], data_cpus: int) -> int:
@@ -63,7 +79,7 @@ def max_concurrent_trials(scaling: Any, cluster: Mapping[str, float], data_cpus:
     fits = min(by_cpu, by_gpu)
     if fits < 1:
         raise ResourceError(
-            f"one trial needs {cpus:g} CPUs ({TRIAL_CPUS:g} for the trial + scaling.num_workers="
+            f"one trial needs {cpus:g} CPUs (scaling.num_workers="
             f"{scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker}) and {gpus} GPUs, "
             f"plus {data_cpus} CPU for its data loading, but the Ray cluster has {have_cpus:g} CPUs and "
             f"{have_gpus:g} GPUs; lower scaling.num_workers or scaling.cpus_per_worker"
@@ -89,6 +105,7 @@ def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str
     train(
         cfg, Path(tune_dir) / "trials" / trial_id, overrides,
         ray_callbacks=[TuneReportCallback()], tags=tags, live_progress=False,
+        record_reports=False,  # TrialWatcher logs each result, however the trial ends
     )
 
 
@@ -167,7 +184,7 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     run = _start_search(cfg.tune, base, space, run_dir, restoring=restoring, overrides=list(overrides or []))
     watcher = TrialWatcher(
         run.tracker, run.dir, metric=run.settings.metric, mode=run.settings.mode,
-        epochs=base.schedule.epochs, num_samples=run.settings.num_samples,
+        epochs=base.schedule.epochs, num_samples=run.settings.num_samples, monitor=base.schedule.monitor,
     )
     started = time.perf_counter()
     try:
@@ -183,7 +200,6 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
                   overrides: list[str]) -> TuneRun:
     """Weights, MLflow store and Ray checked, how many trials fit at once, the resolved
     config written and the parent run started (or resumed)."""
-    import ray
 
     from detexp.checkpoint.files import RUN_ID_FILE
     from detexp.distributed import cluster
@@ -192,9 +208,8 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
 
     weight_files(base.model)  # in the cache (or downloaded) before any trial starts
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
-    cluster.init_ray(base.ray.address, base.ray.verbose)
-    cluster.check_resources(base.scaling)
-    fits = max_concurrent_trials(base.scaling, ray.cluster_resources(), cluster.DATA_CPUS)
+    cluster.start_ray(base.scaling, base.ray.address, base.ray.verbose)
+    fits = max_concurrent_trials(base.scaling, cluster.usable_resources()[0], cluster.DATA_CPUS)
     concurrent = min(t.max_concurrent_trials or fits, fits)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,13 +261,14 @@ def trial_environment(concurrent: int, verbose: bool) -> Iterator[None]:
 
 def _tuner(run: TuneRun, watcher: TrialWatcher, restoring: bool):
     """A new Tuner over :func:`_run_trial`, or the interrupted one restored."""
+    import ray
     from ray import tune as ray_tune
 
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(
             _run_trial, base=plain(run.base), space=run.space, tune_dir=str(run.dir), parent_run_id=run.parent_run_id,
         ),
-        {"cpu": TRIAL_CPUS},
+        trial_placement(ray.get_runtime_context().get_node_id()),
     )
     if restoring:
         log.info("resuming the search in %s: finished trials are kept, the others continue", run.experiment_dir)
@@ -301,12 +317,17 @@ def _trial_run_id(run_dir: Path, trial_id: str) -> str | None:
 
 
 class TrialWatcher(Callback):
-    """Runs on the tune driver: one console line per trial result (instead of Tune's
-    tables), and the MLflow child run of a trial the scheduler stopped marked as such
-    (its process is stopped mid-run and cannot do it)."""
+    """Runs on the tune driver: each trial result into the trial's MLflow child run as
+    Tune hands it over (before a scheduler's decision can stop the trial, so a trial
+    stopped at that result keeps it), one console line per result (instead of Tune's
+    tables), and the child run of a trial the scheduler stopped marked as such (its
+    process is stopped mid-run and cannot do it)."""
 
-    def __init__(self, tracker, run_dir: Path, *, metric: str, mode: str, epochs: int, num_samples: int):
+    def __init__(self, tracker, run_dir: Path, *, metric: str, mode: str, epochs: int, num_samples: int,
+                 monitor: str = "val/map_50"):
         self.tracker, self.run_dir, self.metric, self.mode = tracker, run_dir, metric, mode
+        self.monitor = monitor  # the trials' schedule.monitor, for their best/ metrics
+        self.logged: dict[str, set[int]] = {}  # trial id -> epochs its MLflow run holds
         self.epochs, self.num_samples = epochs, num_samples
         self.best: tuple[float, str, int] | None = None  # value, trial id, epoch (0-based)
         self.history: dict[str, list[tuple[int, float]]] = {}  # trial id -> (epoch, metric value)
@@ -319,10 +340,12 @@ class TrialWatcher(Callback):
                  " ".join(f"{k}={v}" for k, v in trial.config.items()))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if EPOCH in result and DIVERGED not in result:
+            self._record(trial.trial_id, result)
         value = result.get(self.metric)
-        if value is None or "epoch" not in result:
+        if value is None or EPOCH not in result:
             return
-        epoch = int(result["epoch"])
+        epoch = int(result[EPOCH])
         self.history.setdefault(trial.trial_id, []).append((epoch, float(value)))
         better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
         if better and not math.isnan(value):
@@ -331,6 +354,22 @@ class TrialWatcher(Callback):
         log.info("trial %s  epoch %d/%d  %s %.4f  %s", trial.trial_id, epoch + 1, self.epochs, self.metric, value, best)
         if result.get("done") and int(result.get(TIME_ATTR, epoch + 1)) < self.epochs:
             self.stopped.add(trial.trial_id)
+
+    def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """The result's epoch into the trial's child run, once (a restored search skips
+        what the run holds)."""
+        run_id = _trial_run_id(self.run_dir, trial_id)
+        if run_id is None:
+            log.warning("trial %s reported before its MLflow run exists; epoch %d not recorded",
+                        trial_id, int(result[EPOCH]) + 1)
+            return
+        if trial_id not in self.logged:
+            self.logged[trial_id] = self.tracker.logged_steps(EPOCH_KEY, run_id=run_id)
+        epoch = int(result[EPOCH])
+        if epoch in self.logged[trial_id]:
+            return
+        self.tracker.log_metrics(epoch_values(dict(result), self.monitor), step=epoch, run_id=run_id)
+        self.logged[trial_id].add(epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.stopped:

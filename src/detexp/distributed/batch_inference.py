@@ -65,12 +65,16 @@ class Predictor:
         min_score: float = 0.0,
         draw: bool | list[str] = False,
         draw_threshold: float = 0.5,
+        threads: int | None = None,
+        sharing: int = 1,
     ):
         import ray
 
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads:  # Ray sets it to the actor's CPU share; make torch honour it
-            torch.set_num_threads(int(threads))
+        from detexp.distributed.cluster import torch_threads
+
+        threads = torch_threads(threads, sharing)
+        if threads:  # torch would otherwise start one thread per core of the machine
+            torch.set_num_threads(threads)
         if isinstance(state, list):  # [ObjectRef]: kept wrapped so that Ray passes the ref
             state = state[0]
         if isinstance(state, ray.ObjectRef):
@@ -168,6 +172,8 @@ def run_predictor(
             "min_score": float(min_score),
             "draw": draw,
             "draw_threshold": float(draw_threshold),
+            "threads": scaling.get("threads_per_worker"),
+            "sharing": scaling.num_workers,  # at most; Ray may spread them over nodes
         },
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers),
         num_cpus=scaling.cpus_per_worker,

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from detexp.errors import ResourceError
 
-# Logical CPUs a local Ray keeps beyond the train workers, so that the Ray Data tasks
-# that decode images always get scheduled (with none left, the pipeline would stall).
+# CPUs a run keeps free of train workers, out of those Ray counts, so that the Ray Data
+# tasks that decode images always get scheduled (with none left, the pipeline would stall).
 DATA_CPUS = 1
+COORDINATOR_EXPIRE_S = 180  # a reservation not renewed in this time lapses (a driver that died)
+
+log = logging.getLogger("detexp")
+_joined = False  # this process joined a cluster that others may be using (init_ray)
 
 # glibc malloc settings for the processes of a local Ray (a user's own values win). Ray
 # Train runs the training loop in a thread other than the main one; glibc gives such a
@@ -44,11 +51,32 @@ def quiet_ray(verbose: bool) -> None:
     ray.data.DataContext.get_current().print_on_execution_start = verbose
 
 
-def init_ray(address: str | None, verbose: bool = False) -> None:
-    """Join the cluster at ``address``, or start a local one on this machine.
+def detected_cpus() -> int:
+    """This machine's CPUs as Ray counts them (a container's CPU quota included), and never
+    more than this process may run on (its CPU affinity, e.g. ``taskset`` or a cpuset),
+    which Ray's own count ignores."""
+    from ray._private.utils import get_num_cpus
 
-    A local Ray gets the machine's cores, and never fewer logical CPUs than the train
-    workers need plus :data:`DATA_CPUS` for the data pipeline.
+    count = int(get_num_cpus(override_docker_cpu_warning=True))
+    with contextlib.suppress(AttributeError):  # no sched_getaffinity on macOS
+        count = min(count, len(os.sched_getaffinity(0)))
+    return max(count, 1)
+
+
+def torch_threads(asked: int | None, sharing: int) -> int | None:
+    """The torch threads of a Ray worker process: ``asked`` (``scaling.threads_per_worker``),
+    but never more than this node's CPUs shared among the ``sharing`` processes of the run
+    on it (more threads than cores only slows each step); ``None`` asked is the CPUs Ray
+    reserved for the process (its OMP_NUM_THREADS), or None when Ray set none."""
+    if not asked:
+        reserved = os.environ.get("OMP_NUM_THREADS")
+        return int(reserved) if reserved else None
+    return max(min(int(asked), detected_cpus() // max(sharing, 1)), 1)
+
+
+def init_ray(address: str | None, verbose: bool = False) -> None:
+    """Join the cluster at ``address`` (or at ``RAY_ADDRESS`` when it is set), or start a
+    local Ray of this machine's :func:`detected_cpus`, beside any Ray already running here.
     """
     quiet_ray(verbose)
     if ray.is_initialized():
@@ -59,8 +87,13 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         "configure_logging": True,
         "include_dashboard": False,
     }
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        log.info("joining the Ray cluster at RAY_ADDRESS=%s (unset it to start a local Ray)", address)
     if address is None:
-        kwargs["num_cpus"] = (os.cpu_count() or 1) + DATA_CPUS
+        # "local": a new Ray of its own even when another is running on this machine (a
+        # `ray start --head`, a notebook's), which ray.init() would otherwise join.
+        kwargs.update(address="local", num_cpus=detected_cpus())
         # Ray Train's preemption watcher (an actor process) listens for a cloud node's
         # drain notice, which a local Ray on this machine never gets: one process fewer to
         # start, and to wake 100 times a second as every Ray worker process does (no
@@ -72,28 +105,104 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     else:
         kwargs["address"] = address
     ray.init(**kwargs)
+    global _joined
+    _joined = address is not None
+    if _joined:
+        have, free = ray.cluster_resources(), ray.available_resources()
+        log.info("joined the Ray cluster at %s: %d node(s), %g of %g CPUs and %g of %g GPUs free",
+                 address, len(_worker_nodes()), free.get("CPU", 0), have.get("CPU", 0),
+                 free.get("GPU", 0), have.get("GPU", 0))
+
+
+def usable_resources() -> tuple[dict[str, float], str]:
+    """What a run may count on: a local Ray's whole cluster, or what a joined cluster has
+    free now (other jobs may hold the rest); and the word for it in messages."""
+    if _joined:
+        return ray.available_resources(), "free"
+    return ray.cluster_resources(), "in all"
+
+
+def start_ray(scaling: Any, address: str | None, verbose: bool = False) -> None:
+    """:func:`init_ray` for a run of ``scaling``'s workers, refusing what cannot be placed:
+    a local Ray's CPUs before it starts (they are known), then against what Ray has."""
+    if not ray.is_initialized() and address is None and not os.environ.get("RAY_ADDRESS"):
+        _check_cpus(scaling, detected_cpus(), "on this machine")
+    init_ray(address, verbose)
+    check_resources(scaling)
+
+
+def _check_cpus(scaling: Any, cpus: float, which: str) -> None:
+    need_cpus = scaling.num_workers * scaling.cpus_per_worker + DATA_CPUS
+    if need_cpus <= cpus:
+        return
+    share = math.floor((cpus - DATA_CPUS) / scaling.num_workers * 100) / 100
+    raise ResourceError(
+        f"asked for scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
+        f"{scaling.cpus_per_worker:g} CPUs (+{DATA_CPUS} for data loading) = {need_cpus:g} CPUs, but "
+        f"the Ray cluster has {cpus:g} CPUs {which}; lower scaling.num_workers"
+        + (f", or reserve scaling.cpus_per_worker={share:g} CPUs each (workers may share a core; "
+           "scaling.threads_per_worker sets their torch threads)" if share > 0 else "")
+    )
 
 
 def check_resources(scaling: Any) -> None:
     """Fail at once, saying what was asked and what the cluster has, where Ray would
     otherwise wait forever for resources that will never come."""
-    have = ray.cluster_resources()
+    have, which = usable_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    need_cpus = scaling.num_workers * scaling.cpus_per_worker + DATA_CPUS
-    asked = (
-        f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
-        f"{scaling.cpus_per_worker} CPUs (+{DATA_CPUS} for data loading)"
-    )
-    if need_cpus > cpus:
-        raise ResourceError(
-            f"asked for {asked} = {need_cpus} CPUs, but the Ray cluster has {cpus:g} CPUs; "
-            "lower scaling.num_workers or scaling.cpus_per_worker"
-        )
+    _check_cpus(scaling, cpus, which)
     if scaling.use_gpu and scaling.num_workers > gpus:
         raise ResourceError(
             f"asked for scaling.num_workers={scaling.num_workers} GPU workers, but the Ray "
-            f"cluster has {gpus:g} GPUs; lower scaling.num_workers or set scaling.use_gpu=false"
+            f"cluster has {gpus:g} GPUs {which}; lower scaling.num_workers or set scaling.use_gpu=false"
         )
+
+
+@contextlib.contextmanager
+def data_cpus_kept(name: str) -> Iterator[None]:
+    """Keep :data:`DATA_CPUS` out of what Ray Train's elastic scaling counts as room for
+    workers, while the block runs: after a node is lost, it restarts with as many workers as
+    the CPUs left hold, and one that took every CPU would leave the data pipeline none (its
+    first batch would never come). Ray Train sizes the group by the reservations of Ray's
+    autoscaling coordinator, which serves requests of equal priority first come, first
+    served: this one is made before the trainer's, and renewed until the block ends."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            ResourceRequestPriority,
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # another Ray: the restart may then take the data pipeline's CPU
+        log.warning("this Ray has no autoscaling coordinator: an elastic restart may take the CPU "
+                    "the data pipeline needs; keep a CPU of each node free of workers")
+        yield
+        return
+    coordinator = get_or_create_autoscaling_coordinator()
+    requester = f"detexp-data-{name}-{os.getpid()}"
+
+    def request() -> None:
+        ray.get(coordinator.request_resources.remote(
+            requester_id=requester, resources=[{"CPU": DATA_CPUS}], expire_after_s=COORDINATOR_EXPIRE_S,
+            priority=ResourceRequestPriority.HIGH,  # Ray Train's own priority
+        ), timeout=30)
+
+    request()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(COORDINATOR_EXPIRE_S / 6):
+            try:
+                request()
+            except Exception as exc:  # noqa: BLE001 - retried at the next renewal
+                log.debug("could not renew the data pipeline's CPU reservation: %s", exc)
+
+    thread = threading.Thread(target=renew, name="detexp-data-cpus", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):  # it expires by itself otherwise
+            ray.get(coordinator.cancel_request.remote(requester), timeout=10)
 
 
 def _worker_nodes() -> list[dict[str, Any]]:

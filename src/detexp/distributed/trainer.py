@@ -4,8 +4,11 @@ rank 0's live progress streamed back to the driver while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,10 +22,17 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from detexp.checkpoint.storage import RunStorage
+from detexp.distributed.cluster import data_cpus_kept
 from detexp.distributed.controller import ForwardReports, ValidationNotDropped
+from detexp.distributed.watchdog import STALL_KEY
 from detexp.distributed.worker_loop import WorkerPlan, train_loop_per_worker
+from detexp.errors import WorkerStalledError
 
 log = logging.getLogger(__name__)
+
+# How long Ray Train waits for its worker group to be placed before it tries again (its
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default).
+PLACEMENT_WAIT_S = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,8 @@ def fit(
     # On the driver's node, as Ray Train's controller: losing another node must not lose the reports.
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)})
-    if driver.on_step is not None:  # rank 0 puts its progress into the same queue
-        plan = dataclasses.replace(plan, progress=queue)
+    # rank 0 puts its progress into the same queue, and a stalled worker its last word
+    plan = dataclasses.replace(plan, events=queue, progress=queue if driver.on_step is not None else None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan,
@@ -70,39 +80,78 @@ def fit(
             name=storage.name,
             storage_path=storage.path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=scaling.max_failures,
+                controller_failure_limit=placement_tries(plan.cfg["trainer"].get("stall_timeout_s")),
+            ),
             callbacks=[ForwardReports(queue), *callbacks],
         ),
         datasets=datasets,
         dataset_config=ValidationNotDropped(datasets_to_split=["train"]),
     )
     stop = threading.Event()
-    thread = threading.Thread(target=_pump, args=(queue, stop, driver), name="detexp-progress", daemon=True)
+    pump = _Pump(queue, stop, driver)
+    thread = threading.Thread(target=pump.run, name="detexp-progress", daemon=True)
     thread.start()
     try:
-        return trainer.fit()
-    finally:
+        with data_cpus_kept(storage.name) if scaling.min_workers else contextlib.nullcontext():
+            result = trainer.fit()
+    except BaseException as exc:
         stop.set()
-        thread.join(timeout=30)
+        thread.join(timeout=30)  # what arrived before the failure, but never a wait for ever
+        if pump.stalled is not None and isinstance(exc, ray.train.TrainingFailedError):
+            raise WorkerStalledError(pump.stalled) from exc
+        raise
+    else:  # every report is in the queue by now: hand them all over before the driver reads them
+        stop.set()
+        thread.join()
+        return result
+    finally:
         ray.kill(queue.actor)
 
 
-def _pump(queue: Queue, stop: threading.Event, driver: DriverCallbacks) -> None:
-    """Hand what the controller and rank 0 put into ``queue`` to the driver's callbacks,
-    until ``stop`` is set and the queue is empty."""
-    while not (stop.is_set() and queue.empty()):
-        try:
-            item = queue.get(timeout=0.5)
-        except Empty:
-            continue
-        try:
-            if "step" in item:
-                if driver.on_step is not None:
-                    driver.on_step(item["step"])
-            elif "failure" in item:
-                if driver.on_failure is not None:
-                    driver.on_failure(item["failure"]["rank"], item["failure"]["error"])
-            else:
-                driver.on_report(item["metrics"], item["checkpoint"])
-        except Exception:  # noqa: BLE001 - a logging failure must not kill training
-            log.exception("could not record epoch results")
+def placement_tries(stall_timeout_s: float | None) -> int:
+    """Ray Train's ``controller_failure_limit``: how many times it tries to place the worker
+    group (each try waits :data:`PLACEMENT_WAIT_S`) before the run fails; -1 (for ever)
+    when the stall timeout is off."""
+    if not stall_timeout_s:
+        return -1
+    return max(math.ceil(stall_timeout_s / PLACEMENT_WAIT_S), 1)
+
+
+class _Pump:
+    """Hands what the controller and the workers put into ``queue`` to the driver's
+    callbacks, until ``stop`` is set and the queue is empty; keeps a stalled worker's
+    message, which then stands for the failure Ray Train reports (a killed process)."""
+
+    def __init__(self, queue: Queue, stop: threading.Event, driver: DriverCallbacks):
+        self.queue, self.stop, self.driver = queue, stop, driver
+        self.stalled: str | None = None  # "worker N: ...", the last stall
+        self._unreported: tuple[int, str] | None = None  # a stall whose failure has not come yet
+
+    def run(self) -> None:
+        driver = self.driver
+        while not (self.stop.is_set() and self.queue.empty()):
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            try:
+                if "step" in item:
+                    if driver.on_step is not None:
+                        driver.on_step(item["step"])
+                elif STALL_KEY in item:
+                    stall = item[STALL_KEY]
+                    self.stalled = f"worker {stall['rank']}: {stall['message']}"
+                    self._unreported = (stall["rank"], stall["message"])
+                elif "failure" in item:
+                    rank, error = item["failure"]["rank"], item["failure"]["error"]
+                    if self._unreported is not None:  # the killed process Ray reports: say why
+                        (rank, error), self._unreported = self._unreported, None
+                    if driver.on_failure is not None:
+                        driver.on_failure(rank, error)
+                else:
+                    self.stalled = None  # trained on after it: a later failure is another one
+                    driver.on_report(item["metrics"], item["checkpoint"])
+            except Exception:  # noqa: BLE001 - a logging failure must not kill training
+                log.exception("could not record epoch results")

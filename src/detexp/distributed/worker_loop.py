@@ -29,6 +29,8 @@ from omegaconf import OmegaConf
 
 from detexp.checkpoint.files import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTIONS_FILE
 from detexp.data.pipeline import batch_to_tensors
+from detexp.distributed.cluster import torch_threads
+from detexp.distributed.watchdog import Watchdog
 from detexp.engine.early_stopping import BestEpoch
 from detexp.engine.loops import (
     EpochStats,
@@ -62,7 +64,11 @@ class WorkerPlan:
     steps_per_epoch: int | None = None  # of each worker (its train shard / batch size)
     shown: tuple[str, ...] = ()  # val image ids drawn in the end-of-training report's grid
     weights: dict[str, Any] = field(default_factory=dict)  # file name -> [object ref]: nodes without them
+    # [object ref] of model.checkpoint's bytes, for nodes that do not see the driver's file;
+    # None on one machine.
+    start_weights: list[Any] | None = None
     progress: Any = None  # a Ray Queue rank 0 sends its progress within an epoch into; None: none
+    events: Any = None  # the same Queue, for a stalled worker's last word (detexp.distributed.watchdog)
 
 
 @dataclass
@@ -105,6 +111,14 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
     reporting once per epoch; return early when the loss diverged or patience ran out."""
     cfg = OmegaConf.create(plan.cfg)
     device = _set_up_process(cfg)
+    watchdog = Watchdog(cfg.trainer.stall_timeout_s, ray.train.get_context().get_world_rank(), plan.events).start()
+    try:
+        _train(cfg, plan, device, watchdog)
+    finally:
+        watchdog.stop()
+
+
+def _train(cfg: Any, plan: WorkerPlan, device: torch.device, watchdog: Watchdog) -> None:
     state = _restored_state()
     start_epoch = 0 if state is None else state["epoch"] + 1
     shards = _Shards(cfg, device)
@@ -112,21 +126,24 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
     # now, so that the wait overlaps with building the model.
     next_tables = StartedEarly(shards.train_tables()) if start_epoch < cfg.schedule.epochs else None
     _place_weight_files(plan.weights)
-    training = _build_training(cfg, device)
+    with _start_weights_here(cfg, plan.start_weights):
+        training = _build_training(cfg, device)
     if state is not None:
         training.load_state_dict(state)
         del state
     # The val images drawn in the report's grid; None: no report, so no report rows.
     shown = set(plan.shown) if cfg.eval_at_end else None
     for epoch in range(start_epoch, cfg.schedule.epochs):
-        stats = _train_epoch(training, cfg, plan, epoch, next_tables)
+        where = f"epoch {epoch + 1}/{cfg.schedule.epochs}"
+        stats = _train_epoch(training, cfg, plan, epoch, watchdog.batches(next_tables, f"training {where}"))
         if stats is None:
             return
         if epoch + 1 < cfg.schedule.epochs:
             next_tables = StartedEarly(shards.train_tables())
         val_start = time.perf_counter()
         val_metrics, val_rows = (
-            _validate(training.model, shards.val, device, list(cfg.dataset.classes), shown)
+            _validate(training.model, watchdog.batches(shards.val, f"validating {where}"), device,
+                      list(cfg.dataset.classes), shown, watchdog)
             if shards.val is not None else ({}, None)
         )
         metrics = _epoch_metrics(epoch, stats, val_metrics, time.perf_counter() - val_start)
@@ -137,6 +154,8 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
             metrics[STOPPED_EARLY] = training.best.should_stop
         # A new best epoch's checkpoint keeps its val predictions: the report at the end of
         # training (eval_at_end) is made from them instead of predicting again.
+        watchdog.doing(f"reporting {where}: its checkpoint is saved to scaling.storage_path, and the "
+                       "report waits for every rank")
         predictions = _gather_rows(val_rows) if metrics.get(IMPROVED) and shown is not None else None
         _report(metrics, training, plan.cfg, epoch=epoch, predictions=predictions)
         if training.best.should_stop:
@@ -147,9 +166,9 @@ def _set_up_process(cfg: Any) -> torch.device:
     """Seed, threads and process group of this worker; returns its device."""
     torch.manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
     device = ray.train.torch.get_device()
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:  # Ray sets it to the worker's CPU share; make torch honour it
-        torch.set_num_threads(int(threads))
+    threads = torch_threads(cfg.scaling.threads_per_worker, ray.train.get_context().get_local_world_size())
+    if threads:  # torch would otherwise start one thread per core of the machine
+        torch.set_num_threads(threads)
     if dist.is_initialized() and dist.get_world_size() == 1:
         # Ray Train starts a process group even for one worker, which has no one to talk
         # to; gloo's TCP loop thread would still wake 100 times a second, taking a core
@@ -328,6 +347,25 @@ def _place_weight_files(files: dict[str, Any]) -> None:
             partial.replace(target)  # atomic: workers of one node may race here
 
 
+@contextlib.contextmanager
+def _start_weights_here(cfg: Any, shipped: list[Any] | None) -> Iterator[None]:
+    """``model.checkpoint`` readable on this node while the model is built: the driver's
+    file where this node sees it, else the bytes the driver shipped, in a temporary file of
+    this worker's own (removed afterwards)."""
+    path = cfg.model.checkpoint
+    if shipped is None or path is None or Path(path).expanduser().is_file():
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="detexp-start-") as tmp:
+        local = Path(tmp) / Path(path).name
+        local.write_bytes(ray.get(shipped[0]))
+        cfg.model.checkpoint = str(local)
+        try:
+            yield
+        finally:
+            cfg.model.checkpoint = path  # what the checkpoints' config says
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model under DDP (which ``prepare_model`` applies only with >1 worker)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -404,7 +442,7 @@ class KeptShard:
             self.tables = kept
 
 
-def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa.Table | None]:
+def _validate(model, tables, device, classes, shown, watchdog: Watchdog) -> tuple[dict[str, Any], pa.Table | None]:
     """Predict this worker's val shard (``tables``: its batches), gather the per-image
     records on every rank and compute the metrics (identical on all ranks; only rank 0's
     are logged). Also returns this rank's predictions as report rows (the ``shown`` image
@@ -420,6 +458,7 @@ def _validate(model, tables, device, classes, shown) -> tuple[dict[str, Any], pa
         evaluator.update(outputs, targets)
         if shown is not None:
             rows.append(_report_rows(table, outputs, classes, shown))
+    watchdog.doing("gathering the validation results of every rank")
     if is_distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, evaluator.state())

@@ -162,18 +162,19 @@ class Tracker:
         )
         self._monitor.start()
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, run_id: str | None = None) -> None:
+        """Numbers of ``metrics`` at ``step``, into this run (or the run ``run_id`` of this store)."""
         items = [
             Metric(k, float(v), int(time.time() * 1000), step)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self.client.log_batch(run_id or self.run_id, metrics=items)
 
-    def logged_steps(self, key: str) -> set[int]:
-        """Steps at which this run already has ``key`` (a resumed run skips them)."""
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+    def logged_steps(self, key: str, run_id: str | None = None) -> set[int]:
+        """Steps at which this run (or the run ``run_id``) already has ``key`` (a resumed run skips them)."""
+        return {m.step for m in self.client.get_metric_history(run_id or self.run_id, key)}
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():

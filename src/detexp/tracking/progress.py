@@ -14,7 +14,6 @@ from typing import Any
 from detexp.epoch_report import (
     BEST_EPOCH,
     BEST_VALUE,
-    CONTROL_KEYS,
     DIVERGED,
     EPOCH,
     IMPROVED,
@@ -44,9 +43,14 @@ class EpochProgress:
         callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
         monitor: str = "val/map_50",
         progress_every_s: float = 10.0,
+        record_reports: bool = True,
     ):
         """``logged``: the epochs the MLflow run holds already; ``previous``: the report of
-        the checkpoint a resumed run continues from (None: a new run)."""
+        the checkpoint a resumed run continues from (None: a new run). ``record_reports``
+        False: another process logs each report into the MLflow run (a Tune trial's: the
+        tune driver, from the result Tune hands it); the kept checkpoints' reports of a
+        resumed run (:meth:`backfill`) are still logged here."""
+        self.record_reports = record_reports
         self.epochs = epochs
         self.max_failures = max_failures
         self.tracker = tracker
@@ -88,7 +92,10 @@ class EpochProgress:
             log.warning("epoch %d/%d was trained again after a restart; MLflow keeps its first record",
                         epoch + 1, self.epochs)
             return
-        self._log(epoch, metrics)
+        if self.record_reports:
+            self._log(epoch, metrics)
+        else:
+            self.logged.add(epoch)
         self.done += 1
         per_epoch = (time.perf_counter() - self.started) / self.done
         eta = per_epoch * (self.epochs - epoch - 1)
@@ -115,11 +122,7 @@ class EpochProgress:
             self.best_metrics = metrics
 
     def _log(self, epoch: int, metrics: dict[str, Any]) -> None:
-        values = {k: v for k, v in metrics.items() if k not in CONTROL_KEYS} | {EPOCH_KEY: epoch}
-        if metrics.get(BEST_VALUE) is not None:
-            values[BEST_EPOCH] = metrics[BEST_EPOCH]
-            values["best/" + self.monitor.replace("/", "_")] = metrics[BEST_VALUE]
-        self.tracker.log_metrics(values, step=epoch)
+        self.tracker.log_metrics(epoch_values(metrics, self.monitor), step=epoch)
         self.logged.add(epoch)
 
     def stop_reason(self, patience: int | None) -> str:
@@ -143,6 +146,16 @@ class EpochProgress:
             "worker %d failed: %s; restarting the workers from %s (failure %d of scaling.max_failures=%d)",
             rank, error, start, self.failures, self.max_failures,
         )
+
+
+def epoch_values(report: dict[str, Any], monitor: str) -> dict[str, Any]:
+    """An epoch's report as its MLflow run records it: the ``train/`` and ``val/`` metrics,
+    the epoch, and the best epoch so far with its ``monitor`` value."""
+    values = {k: v for k, v in report.items() if k.startswith(("train/", "val/"))} | {EPOCH_KEY: int(report[EPOCH])}
+    if report.get(BEST_VALUE) is not None:
+        values[BEST_EPOCH] = report[BEST_EPOCH]
+        values["best/" + monitor.replace("/", "_")] = report[BEST_VALUE]
+    return values
 
 
 class LiveProgress:
