@@ -58,8 +58,8 @@ def running_head():
 def _cluster_cpus(address: str) -> tuple[float, float] | None:
     """(free, total) CPUs of the Ray at ``address``, asked from another process; None while
     it does not answer."""
-    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
-            "print(ray.available_resources().get('CPU', 0), ray.cluster_resources().get('CPU', 0))" % address)
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(ray.available_resources().get('CPU', 0), ray.cluster_resources().get('CPU', 0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **JOINING})
     if out.returncode:

@@ -114,8 +114,12 @@ def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shape
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert len(children) == 2 == result["trials"]
+    assert re.fullmatch(r"tune lr,lr_steps \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    best = max(c.data.metrics["best/val_map_50"] for c in children)
+    assert parent.data.metrics["val/map_50"] == parent.data.metrics["best/val_map_50"] == pytest.approx(best)
     for child in children:
         assert child.info.status == "FINISHED"
+        assert re.fullmatch(r"lr=[\d.e-]+ lr_steps=\[\d+,\d+\]", child.info.run_name), child.info.run_name
         assert "val/map_50" in child.data.metrics
         assert child.data.params["optimizer.lr"] == re.search(r"optimizer.lr=(\S+)", child.data.tags["detexp.trial_overrides"])[1]
     assert parent.data.tags["detexp.best_trial"] == result["best_trial"]
@@ -171,6 +175,9 @@ def test_cli_sweep_of_two_jobs_is_one_parent_run_and_leaves_no_ray(tmp_path, sha
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.overrides"].startswith("+experiment=smoke scaling.num_workers=1,2")
     assert {c.data.params["scaling.num_workers"] for c in children} == {"1", "2"}
+    assert re.fullmatch(r"sweep num_workers \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    assert {c.info.run_name for c in children} == {"num_workers=1", "num_workers=2"}
+    assert parent.data.metrics["val/map_50"] == max(c.data.metrics["best/val_map_50"] for c in children)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED" and "val/map_50" in child.data.metrics

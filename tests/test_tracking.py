@@ -34,6 +34,26 @@ def test_run_is_named_after_model_dataset_and_time_and_describes_its_command(tra
     assert "tracking.register_model=shapes" in description
 
 
+def test_the_experiment_opens_in_mlflows_model_training_view(trained_smoke):
+    client = MlflowClient(tracking_uri=trained_smoke.uri)
+    experiment = client.get_experiment(_run(trained_smoke).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_sweep_runs_are_named_by_what_was_swept():
+    from detexp.commands.multirun import swept_keys
+    from detexp.tracking.mlflow_runs import short_overrides, sweep_run_name
+
+    assert short_overrides(["optimizer.lr=0.018812345", "schedule.lr_steps=[8, 11]"]) == "lr=0.01881 lr_steps=[8,11]"
+    assert short_overrides(["scaling.num_workers=2", "optimizer.lr=1e-3", "+experiment=smoke"]) == (
+        "num_workers=2 lr=0.001 experiment=smoke"
+    )
+    keys = swept_keys(["+experiment=smoke", "optimizer.lr=0.01,0.02", "schedule.lr_steps='[16,22]','[8,11]'",
+                       "schedule.epochs=4", "seed=range(3)"])
+    assert keys == ("optimizer.lr", "schedule.lr_steps", "seed")
+    assert re.fullmatch(r"sweep lr,lr_steps,seed \d\d-\d\d \d\d:\d\d", sweep_run_name("sweep", keys))
+
+
 def test_system_metrics_are_recorded_while_training(trained_smoke):
     client = MlflowClient(tracking_uri=trained_smoke.uri)
     keys = set(_run(trained_smoke).data.metrics)

@@ -17,12 +17,15 @@ is previewed as an ``<img>`` under a title with its full artifact path).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -87,19 +90,14 @@ def chromium() -> str:
     return shutil.which("chromium")
 
 
-@pytest.fixture(scope="module")
-def ui(trained_smoke, chromium, tmp_path_factory) -> Iterator[SimpleNamespace]:
-    """`mlflow ui` on the smoke run's SQLite store, killed at teardown; what the pages should show."""
-    client = MlflowClient(tracking_uri=trained_smoke.uri)
-    run = client.get_run(trained_smoke.result["run_id"])
-    experiment = client.get_experiment(run.info.experiment_id)
-
-    cwd = tmp_path_factory.mktemp("mlflow-ui")  # anything the server writes beside itself lands here
+@contextlib.contextmanager
+def _mlflow_ui(uri: str, cwd: Path) -> Iterator[str]:
+    """`mlflow ui` on the store at ``uri``, stopped afterwards; its base address."""
     log = cwd / "server.log"
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained_smoke.uri,
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
     env = {
@@ -127,12 +125,23 @@ def ui(trained_smoke, chromium, tmp_path_factory) -> Iterator[SimpleNamespace]:
             if time.monotonic() > deadline:
                 pytest.fail(f"`mlflow ui` did not answer {base}/health within {SERVER_START_S} s:\n{_tail(log)}")
             time.sleep(0.5)
-        yield SimpleNamespace(
-            base=base, client=client, run=run, experiment=experiment,
-            classes=list(trained_smoke.cfg.dataset.classes), log=log,
-        )
+        yield base
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def ui(trained_smoke, chromium, tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """`mlflow ui` on the smoke run's SQLite store, killed at teardown; what the pages should show."""
+    client = MlflowClient(tracking_uri=trained_smoke.uri)
+    run = client.get_run(trained_smoke.result["run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    cwd = tmp_path_factory.mktemp("mlflow-ui")  # anything the server writes beside itself lands here
+    with _mlflow_ui(trained_smoke.uri, cwd) as base:
+        yield SimpleNamespace(
+            base=base, client=client, run=run, experiment=experiment,
+            classes=list(trained_smoke.cfg.dataset.classes), log=cwd / "server.log",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +230,75 @@ def test_the_artifacts_view_shows_the_report(ui, page, capsys):
     assert "eval/confusion_matrix.png" in logged, f"training logged no eval/confusion_matrix.png: {sorted(logged)}"
     expect(_node(page, "confusion_matrix.png")).to_be_visible(timeout=WAIT_MS)
     _preview(page, "eval/confusion_matrix.png", "artifacts_confusion_matrix", capsys)
+
+
+# -- a sweep, as a user compares it --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep(chromium, shapes_cache, tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """A two-job `train -m` sweep over the learning rate, as a user types it, and `mlflow ui`
+    on its store opened at the address the command printed."""
+    root = tmp_path_factory.mktemp("sweep")
+    out = subprocess.run(
+        [sys.executable, "-m", "detexp", "train", "-m", "+experiment=smoke", "optimizer.lr=0.01,0.02",
+         f"dataset.cache_dir={shapes_cache}", "schedule.epochs=1", "eval_at_end=false",
+         "dataset.synth.num_train=16", "dataset.synth.num_val=8", "tracking.system_metrics=false"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ru", dir="/tmp")},
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    page = re.search(r"then open http://127\.0\.0\.1:5000/(#/experiments/\S+)", out.stdout + out.stderr)[1]
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("detexp").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    with _mlflow_ui(uri, root) as base:
+        yield SimpleNamespace(url=f"{base}/{page}", parent=parent, children=children)
+
+
+def _cell(page: Page, run_id: str, column: str):
+    """The runs table's cell of ``column`` in the row of ``run_id`` (the table is an ag-grid
+    whose rows carry the run id)."""
+    return page.locator(f'.ag-row[row-id="{run_id}"] [col-id="{column}"]')
+
+
+@pytest.mark.slow
+def test_a_sweep_reads_as_one_row_with_its_best_value_and_a_named_child_per_job(sweep, browser, capsys):
+    # wide: the runs table draws only the columns in view, and the metrics come last
+    context = browser.new_context(viewport={"width": 2000, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    try:
+        _check_sweep(page, sweep, capsys)
+    finally:
+        context.close()
+
+
+def _check_sweep(page: Page, sweep: SimpleNamespace, capsys) -> None:
+    page.goto(sweep.url)
+    expect(page.get_by_text("Model training", exact=True)).to_be_visible(timeout=WAIT_MS)
+    name = sweep.parent.info.run_name
+    assert re.fullmatch(r"sweep lr \d\d-\d\d \d\d:\d\d", name), name
+    expect(_cell(page, sweep.parent.info.run_id, "attributes.`Run Name`")).to_contain_text(name, timeout=WAIT_MS)
+    assert len(sweep.children) == 2
+
+    # the metric a user compares on, as a column: the parent shows the best child's value
+    page.get_by_role("button", name="Columns").click()
+    page.get_by_placeholder("Search columns").fill("val/map_50")
+    page.get_by_text("val/map_50", exact=True).click()  # the one metric of that name (best/val_map_50 is another)
+    page.keyboard.press("Escape")
+    best = max(c.data.metrics["val/map_50"] for c in sweep.children)
+    column = "metrics.`val/map_50`"
+    expect(_cell(page, sweep.parent.info.run_id, column)).to_have_text(page.evaluate("v => String(v)", best),
+                                                                       timeout=WAIT_MS)
+
+    # expanded, each job is a child named by the value it swept
+    _cell(page, sweep.parent.info.run_id, "attributes.`Run Name`").locator("button").first.click()
+    for child in sweep.children:
+        lr = child.data.params["optimizer.lr"]
+        expect(_cell(page, child.info.run_id, "attributes.`Run Name`")).to_contain_text(f"lr={lr}", timeout=WAIT_MS)
+        shown = page.evaluate("v => String(v)", child.data.metrics["val/map_50"])
+        expect(_cell(page, child.info.run_id, column)).to_have_text(shown, timeout=WAIT_MS)
+    _screenshot(page, "sweep", capsys)

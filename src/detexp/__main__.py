@@ -47,11 +47,14 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _run_train(cfg: DictConfig) -> dict:
-    from detexp.commands.multirun import parent_tags
+    from detexp.commands.multirun import child_run_name, parent_tags
     from detexp.commands.train import train
 
     hc = HydraConfig.get()
-    return train(cfg, hc.runtime.output_dir, list(hc.overrides.task), tags=parent_tags())
+    overrides = list(hc.overrides.task)
+    if not cfg.tracking.run_name:  # a sweep's job is named by its values of the swept keys
+        cfg.tracking.run_name = child_run_name(overrides)
+    return train(cfg, hc.runtime.output_dir, overrides, tags=parent_tags())
 
 
 def _run_tune(cfg: DictConfig) -> dict:

@@ -34,11 +34,31 @@ class _Sweep:
     sweep_dir: Path
     metric: str
     mode: str
+    swept: tuple[str, ...] = ()  # the keys the sweep varies, as Hydra parsed them
     rows: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
 
 
 _current: _Sweep | None = None  # the sweep of this process, while one runs
+
+
+def swept_keys(overrides: list[str]) -> tuple[str, ...]:
+    """The keys of ``overrides`` that a multirun sweeps (``a=1,2``, ``choice(...)``, ``range(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return tuple(o.key_or_group for o in parsed if o.is_sweep_override())
+
+
+def child_run_name(job_overrides: list[str]) -> str | None:
+    """The name of a sweep job's run: its values of the swept keys (``lr=0.02 lr_steps=[8,11]``);
+    None outside a sweep."""
+    from detexp.tracking.mlflow_runs import short_overrides
+
+    if _current is None:
+        return None
+    mine = [o for o in job_overrides if o.partition("=")[0].lstrip("+~") in _current.swept]
+    return short_overrides(mine) or None
 
 
 def parent_tags() -> dict[str, str]:
@@ -55,17 +75,19 @@ class MultirunTracking(Callback):
         global _current
         from omegaconf import OmegaConf
 
-        from detexp.tracking.mlflow_runs import Tracker, default_tags
+        from detexp.tracking.mlflow_runs import Tracker, default_tags, sweep_run_name
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         overrides = list(config.hydra.overrides.task)
         tracker = Tracker(config.tracking.uri, config.tracking.experiment)
         params = {"sweep": {"overrides": " ".join(overrides), "dir": str(sweep_dir)}}
         tags = {**default_tags("train -m", overrides), "detexp.sweep_dir": str(sweep_dir)}
-        run_name = OmegaConf.select(config, "tracking.run_name") or f"sweep-{sweep_dir.name}"
+        swept = swept_keys(overrides)
+        run_name = OmegaConf.select(config, "tracking.run_name") or sweep_run_name("sweep", swept)
         run_id = tracker.start(run_name, params, tags)
         schedule = config.schedule
-        _current = _Sweep(tracker, run_id, sweep_dir, str(schedule.monitor), str(schedule.monitor_mode))
+        _current = _Sweep(tracker, run_id, sweep_dir, str(schedule.monitor), str(schedule.monitor_mode),
+                          swept=tuple(k.lstrip("+~") for k in swept))
         log.info("sweep %s: MLflow parent run %s; each job is a child run", sweep_dir, run_id)
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
@@ -90,6 +112,7 @@ class MultirunTracking(Callback):
             error = job_return._return_value
             row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         _current.rows.append(row)
+        _log_best(_current)  # the parent's row in the UI shows the best so far, also mid-sweep
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         finish_sweep()
@@ -101,6 +124,20 @@ def _best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
         return None
     pick = max if mode == "max" else min
     return pick(scored, key=lambda r: r["best_value"])
+
+
+def _log_best(sweep: _Sweep) -> dict[str, Any] | None:
+    """The best job so far into the parent run: tags naming it, and its best value both as
+    the children's best key (``best/val_map_50``) and under the metric's own key, the column
+    the children show it in."""
+    from detexp.tracking.progress import best_key
+
+    best = _best_row(sweep.rows, sweep.mode)
+    if best is not None:
+        sweep.tracker.set_tags({"detexp.best_child": best["run_id"], "detexp.best_overrides": best["overrides"]})
+        sweep.tracker.log_metrics({best_key(sweep.metric): best["best_value"], sweep.metric: best["best_value"]},
+                                  step=len(sweep.rows) - 1)
+    return best
 
 
 def write_summary(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
@@ -138,10 +175,7 @@ def finish_sweep(interrupted: bool = False) -> None:
     _current = None
     for path in write_summary(sweep.rows, sweep.metric, sweep.sweep_dir):
         sweep.tracker.log_artifact(path)
-    best = _best_row(sweep.rows, sweep.mode)
-    if best is not None:
-        sweep.tracker.set_tags({"detexp.best_child": best["run_id"], "detexp.best_overrides": best["overrides"]})
-        sweep.tracker.log_metrics({f"best/{sweep.metric}": best["best_value"]}, step=0)
+    best = _log_best(sweep)
     failed = sum(1 for r in sweep.rows if r["status"] != "FINISHED")
     status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
     sweep.tracker.end(status)

@@ -37,7 +37,7 @@ from detexp.commands.search_space import apply_sample, check_search_space, param
 from detexp.config import TrainConfig, plain
 from detexp.epoch_report import DIVERGED, EPOCH
 from detexp.errors import ConfigError, ResourceError
-from detexp.tracking.progress import EPOCH_KEY, epoch_values
+from detexp.tracking.progress import EPOCH_KEY, best_key, epoch_values
 
 log = logging.getLogger("detexp")
 
@@ -93,11 +93,12 @@ def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from detexp.commands.train import train
+    from detexp.tracking.mlflow_runs import short_overrides
 
     trial_id = tune.get_context().get_trial_id()
     cfg, overrides = apply_sample(base, sample, space)
     cfg.resume = True  # a restored trial continues its own checkpoints, in its own MLflow run
-    cfg.tracking.run_name = f"trial-{trial_id}"
+    cfg.tracking.run_name = short_overrides(overrides)  # as the MLflow UI lists the trials
     # One machine monitor (the parent run's), and no registry version per trial: the best
     # config is trained again with `train ... tracking.register_model=NAME`.
     cfg.tracking.system_metrics, cfg.tracking.register_model = False, None
@@ -204,7 +205,7 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
     from detexp.checkpoint.files import RUN_ID_FILE
     from detexp.distributed import cluster
     from detexp.modeling.detector import weight_files
-    from detexp.tracking.mlflow_runs import Tracker, default_tags
+    from detexp.tracking.mlflow_runs import Tracker, default_tags, sweep_run_name
 
     weight_files(base.model)  # in the cache (or downloaded) before any trial starts
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
@@ -219,7 +220,8 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
     if restoring and id_file.exists():
         parent = tracker.resume(id_file.read_text().strip())
     else:
-        parent = tracker.start(base.tracking.run_name or f"tune-{run_dir.name}", resolved, default_tags("tune", overrides))
+        name = base.tracking.run_name or sweep_run_name("tune", list(space))
+        parent = tracker.start(name, resolved, default_tags("tune", overrides))
         id_file.write_text(parent)
     if base.tracking.system_metrics:
         tracker.monitor_system()
@@ -350,6 +352,10 @@ class TrialWatcher(Callback):
         better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
         if better and not math.isnan(value):
             self.best = (float(value), trial.trial_id, epoch)
+            # the parent's row in the MLflow UI shows the best so far, in the trials' column
+            with contextlib.suppress(Exception):  # a store hiccup must not stop the search
+                self.tracker.log_metrics({self.metric: float(value), best_key(self.metric): float(value)},
+                                         step=sum(len(h) for h in self.history.values()) - 1)
         best = f"best {self.best[0]:.4f} (trial {self.best[1]}, epoch {self.best[2] + 1})" if self.best else ""
         log.info("trial %s  epoch %d/%d  %s %.4f  %s", trial.trial_id, epoch + 1, self.epochs, self.metric, value, best)
         if result.get("done") and int(result.get(TIME_ATTR, epoch + 1)) < self.epochs:
@@ -429,8 +435,11 @@ def _finish(run: TuneRun, grid, watcher: TrialWatcher, seconds: float) -> dict[s
     tracker.log_artifact(best_path)
     tracker.set_tags({"detexp.best_trial": best["job"], "detexp.best_child": best["run_id"] or "",
                       "detexp.best_overrides": best["overrides"]})
-    tracker.log_metrics({f"best/{t.metric}": best["best_value"], "tune/trials": len(rows),
-                         "tune/stopped_early": len(watcher.stopped), "tune/seconds": seconds}, step=0)
+    tracker.log_metrics({"tune/trials": len(rows), "tune/stopped_early": len(watcher.stopped), "tune/seconds": seconds},
+                        step=0)
+    # after every best-so-far the watcher logged: the latest value is the search's best
+    tracker.log_metrics({best_key(t.metric): best["best_value"], t.metric: best["best_value"]},
+                        step=sum(len(h) for h in watcher.history.values()))
     tracker.end("FINISHED")
     command = f"python -m detexp train -cd {best_path.parent} -cn {best_path.stem}"
     log.info("best trial %s: %s %.4f at epoch %d with %s", best["job"], t.metric, best["best_value"],

@@ -8,6 +8,7 @@ processes at once; a write that finds the database locked is retried, not lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -111,6 +112,9 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return out.stdout.strip() or None
 
 
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """One MLflow run: params from the resolved config, per-epoch metrics, artifacts."""
 
@@ -127,6 +131,10 @@ class Tracker:
             if found
             else self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri))
         )
+        if found is None or EXPERIMENT_KIND_TAG not in found.tags:
+            # MLflow's UI opens an experiment of this kind in its model-training view (runs,
+            # metrics, charts), not the GenAI one (traces) it may guess for an untyped one.
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         self.run_id: str | None = None
         self._monitor = None  # MLflow's system-metrics monitor, while one runs
 
@@ -245,9 +253,12 @@ class Tracker:
         return self.client.get_run(self.run_id).info.run_name
 
     def ui_command(self) -> str:
+        """How to see this experiment in MLflow's UI, in its model-training view (the UI
+        opens its GenAI view unless the address asks for the other)."""
+        page = f"#/experiments/{self.experiment_id}?workflowType=machine_learning"
         if self.uri.startswith(("http://", "https://")):
-            return f"open {self.uri}"
-        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
+            return f"open {self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1, then open http://127.0.0.1:5000/{page}"
 
 
 def _param(value: Any) -> str:
@@ -260,6 +271,26 @@ def default_run_name(cfg: Any, prefix: str = "") -> str:
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     return f"{prefix}{cfg.model.name}-{cfg.dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def short_overrides(overrides: Sequence[str]) -> str:
+    """``key=value`` overrides as a run's name shows them in the MLflow UI: each key by its
+    last part, numbers to 4 significant digits, lists without spaces
+    (``optimizer.lr=0.018812 schedule.lr_steps=[8, 11]`` -> ``lr=0.01881 lr_steps=[8,11]``)."""
+    shown = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            value = value if number.is_integer() and "." not in value and "e" not in value.lower() else f"{number:.4g}"
+        shown.append(f"{key.lstrip('+~').rsplit('.', 1)[-1]}={value.replace(' ', '')}")
+    return " ".join(shown)
+
+
+def sweep_run_name(command: str, keys: Sequence[str]) -> str:
+    """A sweep's parent run name: what was swept and when (``tune lr,lr_steps 12-03 10:55``)."""
+    swept = ",".join(k.lstrip("+~").rsplit(".", 1)[-1] for k in keys) or "sweep"
+    return f"{command} {swept} {time.strftime('%m-%d %H:%M')}"
 
 
 def command_line(command: str, overrides: Sequence[str]) -> str:

@@ -148,13 +148,18 @@ class EpochProgress:
         )
 
 
+def best_key(monitor: str) -> str:
+    """The metric key of the best value of ``monitor`` so far (``best/val_map_50``)."""
+    return "best/" + monitor.replace("/", "_")
+
+
 def epoch_values(report: dict[str, Any], monitor: str) -> dict[str, Any]:
     """An epoch's report as its MLflow run records it: the ``train/`` and ``val/`` metrics,
     the epoch, and the best epoch so far with its ``monitor`` value."""
     values = {k: v for k, v in report.items() if k.startswith(("train/", "val/"))} | {EPOCH_KEY: int(report[EPOCH])}
     if report.get(BEST_VALUE) is not None:
         values[BEST_EPOCH] = report[BEST_EPOCH]
-        values["best/" + monitor.replace("/", "_")] = report[BEST_VALUE]
+        values[best_key(monitor)] = report[BEST_VALUE]
     return values
 
 
