@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,29 @@ def _can_unshare_mounts() -> bool:
     return probe.returncode == 0
 
 
+@contextlib.contextmanager
+def _node_without(cluster, folder: Path) -> Iterator[str]:
+    """A node (1 CPU) joining ``cluster`` from its own mount namespace, in which ``folder`` is
+    an empty private tmpfs: the same path, another disk, as on a cluster whose nodes do not
+    share it. Yields its node id; it leaves at the end."""
+    before = _alive_nodes()
+    ray_cli = Path(sys.executable).parent / "ray"
+    node = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs {folder} && exec {ray_cli} start --address={cluster.address} "
+         "--num-cpus=1 --block --disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: len(_alive_nodes() - before) == 1, "the private node to join")
+        (node_id,) = _alive_nodes() - before
+        yield node_id
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+        _wait_for(lambda: _alive_nodes() == before, "the private node to leave")
+
+
 @pytest.mark.skipif(sys.platform != "linux" or not _can_unshare_mounts(), reason="needs mount namespaces (root on Linux)")
 def test_a_node_whose_storage_path_is_its_own_disk_is_named_before_training(two_nodes, tmp_path, shapes_cache):
     """A third node joins the cluster from its own mount namespace, in which the storage
@@ -105,16 +130,7 @@ def test_a_node_whose_storage_path_is_its_own_disk_is_named_before_training(two_
     storage = tmp_path / "ckpt"
     storage.mkdir()
     before = _alive_nodes()
-    ray_cli = Path(sys.executable).parent / "ray"
-    node = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs tmpfs {storage} && exec {ray_cli} start --address={two_nodes.address} "
-         "--num-cpus=1 --block --disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        _wait_for(lambda: len(_alive_nodes() - before) == 1, "the third node to join")
-        (private_node,) = _alive_nodes() - before
+    with _node_without(two_nodes, storage) as private_node:
         cfg = _cfg(tmp_path, shapes_cache, f"scaling.storage_path={storage}")
         with pytest.raises(ResourceError) as refused:
             train(cfg, tmp_path / "run")
@@ -122,10 +138,6 @@ def test_a_node_whose_storage_path_is_its_own_disk_is_named_before_training(two_
         assert f"({private_node[:12]}): cannot use scaling.storage_path={storage}" in message
         assert all(n[:12] not in message for n in before)  # the nodes that share the disk pass
         assert not list(storage.iterdir())  # the check cleaned up after itself; nothing trained
-    finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=60)
-        _wait_for(lambda: _alive_nodes() == before, "the third node to leave")
 
 
 @pytest.mark.skipif(not HAS_DASHBOARD, reason='needs ray[default]: pip install -e ".[dev,cluster]"')
@@ -167,21 +179,8 @@ def private_node(two_nodes, tmp_path_factory):
     if sys.platform != "linux" or not _can_unshare_mounts():
         pytest.skip("needs mount namespaces (root on Linux)")
     driver_only = tmp_path_factory.mktemp("driver_only")
-    before = _alive_nodes()
-    ray_cli = Path(sys.executable).parent / "ray"
-    node = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs tmpfs {driver_only} && exec {ray_cli} start --address={two_nodes.address} "
-         "--num-cpus=1 --block --disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        _wait_for(lambda: len(_alive_nodes() - before) == 1, "the private node to join")
+    with _node_without(two_nodes, driver_only):
         yield driver_only
-    finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=60)
-        _wait_for(lambda: _alive_nodes() == before, "the private node to leave")
 
 
 def test_start_weights_only_the_driver_sees_reach_every_node(private_node, tmp_path, shapes_cache):

@@ -433,14 +433,15 @@ def _explain(exc: BaseException, run_dir: Path, experiment: str) -> BaseExceptio
     from detexp.distributed.controller import describe_failure
 
     if isinstance(exc, WorkerStalledError):
-        text = str(exc)
+        error, text = WorkerStalledError, str(exc)
     elif isinstance(exc, TrainingFailedError):
         failures = getattr(exc, "worker_failures", {}) or {}
         # the controller's own failure: the workers could not be placed (trainer.stall_timeout_s)
+        error = DetexpError
         text = describe_failure(next(iter(failures.values()), getattr(exc, "controller_failure", None) or exc))
     else:
         return exc
-    return (WorkerStalledError if isinstance(exc, WorkerStalledError) else DetexpError)(
+    return error(
         f"training failed: {text}; checkpoints so far are in {experiment} "
         f"(continue with resume=true hydra.run.dir={run_dir})"
     )

@@ -355,11 +355,16 @@ class TrialWatcher(Callback):
             # the parent's row in the MLflow UI shows the best so far, in the trials' column
             with contextlib.suppress(Exception):  # a store hiccup must not stop the search
                 self.tracker.log_metrics({self.metric: float(value), best_key(self.metric): float(value)},
-                                         step=sum(len(h) for h in self.history.values()) - 1)
+                                         step=self.results_seen - 1)
         best = f"best {self.best[0]:.4f} (trial {self.best[1]}, epoch {self.best[2] + 1})" if self.best else ""
         log.info("trial %s  epoch %d/%d  %s %.4f  %s", trial.trial_id, epoch + 1, self.epochs, self.metric, value, best)
         if result.get("done") and int(result.get(TIME_ATTR, epoch + 1)) < self.epochs:
             self.stopped.add(trial.trial_id)
+
+    @property
+    def results_seen(self) -> int:
+        """Results with the metric so far, of all trials: the parent run's step for its best so far."""
+        return sum(len(h) for h in self.history.values())
 
     def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """The result's epoch into the trial's child run, once (a restored search skips
@@ -439,7 +444,7 @@ def _finish(run: TuneRun, grid, watcher: TrialWatcher, seconds: float) -> dict[s
                         step=0)
     # after every best-so-far the watcher logged: the latest value is the search's best
     tracker.log_metrics({best_key(t.metric): best["best_value"], t.metric: best["best_value"]},
-                        step=sum(len(h) for h in watcher.history.values()))
+                        step=watcher.results_seen)
     tracker.end("FINISHED")
     command = f"python -m detexp train -cd {best_path.parent} -cn {best_path.stem}"
     log.info("best trial %s: %s %.4f at epoch %d with %s", best["job"], t.metric, best["best_value"],

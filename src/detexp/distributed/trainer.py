@@ -65,7 +65,7 @@ def fit(
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)})
     # rank 0 puts its progress into the same queue, and a stalled worker its last word
-    plan = dataclasses.replace(plan, events=queue, progress=queue if driver.on_step is not None else None)
+    plan = dataclasses.replace(plan, events=queue, live_steps=driver.on_step is not None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan,

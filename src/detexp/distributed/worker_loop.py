@@ -67,8 +67,10 @@ class WorkerPlan:
     # [object ref] of model.checkpoint's bytes, for nodes that do not see the driver's file;
     # None on one machine.
     start_weights: list[Any] | None = None
-    progress: Any = None  # a Ray Queue rank 0 sends its progress within an epoch into; None: none
-    events: Any = None  # the same Queue, for a stalled worker's last word (detexp.distributed.watchdog)
+    # A Ray Queue to the driver: rank 0's progress within an epoch (with live_steps), a
+    # stalled worker's last word (detexp.distributed.watchdog); None: no driver listens.
+    events: Any = None
+    live_steps: bool = False
 
 
 @dataclass
@@ -232,13 +234,13 @@ def _train_epoch(training: Training, cfg: Any, plan: WorkerPlan, epoch: int, tab
     # Tensors are made here, on the training thread: see StartedEarly.
     batches = (batch_to_tensors(table, training.device) for table in tables)
     # (`is not None`: an empty Ray Queue has len 0 and is falsy)
-    live = plan.progress is not None and ray.train.get_context().get_world_rank() == 0
+    live = plan.live_steps and plan.events is not None and ray.train.get_context().get_world_rank() == 0
     images_per_step = cfg.dataset.batch_size * _world_size()
     try:
         stats = train_one_epoch(
             training.model, training.optimizer, batches, epoch, warmup=warmup,
             grad_clip_norm=cfg.schedule.grad_clip_norm, amp=cfg.trainer.amp, scaler=training.scaler,
-            on_step=LiveSteps(plan.progress, epoch, plan.steps_per_epoch, images_per_step) if live else None,
+            on_step=LiveSteps(plan.events, epoch, plan.steps_per_epoch, images_per_step) if live else None,
         )
     except NonFiniteLossError as exc:
         # Every rank gets here at the same step (engine agrees on it). Report and

@@ -273,6 +273,11 @@ def default_run_name(cfg: Any, prefix: str = "") -> str:
     return f"{prefix}{cfg.model.name}-{cfg.dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _short_key(key: str) -> str:
+    """A config key by its last part, without Hydra's ``+``/``~`` (``+optimizer.lr`` -> ``lr``)."""
+    return key.lstrip("+~").rsplit(".", 1)[-1]
+
+
 def short_overrides(overrides: Sequence[str]) -> str:
     """``key=value`` overrides as a run's name shows them in the MLflow UI: each key by its
     last part, numbers to 4 significant digits, lists without spaces
@@ -283,13 +288,13 @@ def short_overrides(overrides: Sequence[str]) -> str:
         with contextlib.suppress(ValueError):
             number = float(value)
             value = value if number.is_integer() and "." not in value and "e" not in value.lower() else f"{number:.4g}"
-        shown.append(f"{key.lstrip('+~').rsplit('.', 1)[-1]}={value.replace(' ', '')}")
+        shown.append(f"{_short_key(key)}={value.replace(' ', '')}")
     return " ".join(shown)
 
 
 def sweep_run_name(command: str, keys: Sequence[str]) -> str:
     """A sweep's parent run name: what was swept and when (``tune lr,lr_steps 12-03 10:55``)."""
-    swept = ",".join(k.lstrip("+~").rsplit(".", 1)[-1] for k in keys) or "sweep"
+    swept = ",".join(_short_key(k) for k in keys) or "sweep"
     return f"{command} {swept} {time.strftime('%m-%d %H:%M')}"
 
 
