@@ -89,6 +89,7 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "data_vs_dataloader_ratio": (">=", 1.2, "issue"),
     "parse_11k_s": ("<=", 5.0, "issue"),
     "map_5k_s": ("<=", 10.0, "issue"),
+    "coco_parse_100k_s": ("<=", 30.0, "ours"),  # the issue asks for the figure; 30 s is our bound
     "memory_growth_ratio": ("<=", 1.2, "issue"),
     "default_run_s": ("<=", 360.0, "issue"),  # 6 minutes on 2 cores (the README says about 5)
     "default_map_50": (">=", 0.6, "issue"),  # in every run
@@ -383,6 +384,61 @@ def measure_parse(b: Bench) -> tuple[Values, Details]:
     }
 
 
+_COCO_PARSE = """
+import json, resource, sys, time
+from detexp.config import register_configs
+from hydra import compose, initialize_config_dir
+import detexp, pathlib
+from detexp.data.source import resolve
+register_configs()
+with initialize_config_dir(config_dir=str(pathlib.Path(detexp.__file__).parent / "conf"), version_base="1.3"):
+    cfg = compose(config_name="train", overrides=["dataset=coco", "dataset.root=" + sys.argv[1]]).dataset
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+found = resolve(cfg)
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"s": seconds, "rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
+                  "train": len(found.train), "val": len(found.val), "classes": len(found.classes),
+                  "objects": sum(len(e.objects) for e in found.train)}))
+"""
+
+
+def measure_coco_parse(b: Bench) -> tuple[Values, Details]:
+    """``coco_parse_100k_s``: seconds for the driver to find a Roboflow-style COCO export
+    with a 100,000-image train JSON (about 7 boxes an image and 80 categories, as COCO's
+    train2017 has; no image files: this part reads only the JSON) and list its entries
+    with the classes read from it: ``resolve(dataset=coco)``, the step every command takes
+    before Ray starts. Run in a fresh subprocess so its peak memory is its own
+    (``details.peak_rss_mib``, against ``rss_before_mib`` after the imports)."""
+    import random
+
+    root = b.folder("coco-100k")
+    rng = random.Random(0)
+    n_images = 100_000
+    started = time.perf_counter()
+    for split, count in (("train", n_images), ("valid", 1000)):
+        images, annotations = [], []
+        for i in range(count):
+            images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480})
+            for _ in range(rng.randint(1, 13)):
+                w, h = rng.uniform(4, 300), rng.uniform(4, 300)
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": i, "category_id": rng.randint(1, 80),
+                    "bbox": [round(rng.uniform(0, 640 - w), 2), round(rng.uniform(0, 480 - h), 2), round(w, 2), round(h, 2)],
+                    "area": round(w * h, 2), "iscrowd": int(rng.random() < 0.01), "segmentation": [],
+                })
+        doc = {"info": {}, "images": images, "annotations": annotations,
+               "categories": [{"id": c, "name": f"class{c:02d}", "supercategory": "x"} for c in range(1, 81)]}
+        (root / split).mkdir(exist_ok=True)
+        (root / split / "_annotations.coco.json").write_text(json.dumps(doc))
+    write_s = time.perf_counter() - started
+    json_mb = (root / "train" / "_annotations.coco.json").stat().st_size / 2**20
+    out = subprocess.run([sys.executable, "-c", _COCO_PARSE, str(root)], capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"coco_parse_100k_s": found.pop("s")}, {**found, "json_mb": json_mb, "write_files_s": write_s}
+
+
 def measure_map(b: Bench) -> tuple[Values, Details]:
     """``map_5k_s``: seconds for ``DetectionEvaluator(20 classes)``: ``update`` in batches of
     8 (as validation calls it) and ``compute()`` (everything metrics.json holds: COCO-style
@@ -550,6 +606,7 @@ MEASUREMENTS: list[tuple[tuple[str, ...], Callable[[Bench], tuple[Values, Detail
     (("data_vs_dataloader_ratio",), measure_data_vs_dataloader, True),
     (("parse_11k_s",), measure_parse, True),
     (("map_5k_s",), measure_map, True),
+    (("coco_parse_100k_s",), measure_coco_parse, True),
     (("default_run_s", "default_map_50"), measure_default_run, False),
 ]
 KEYS = [key for keys, _, _ in MEASUREMENTS for key in keys]
@@ -599,6 +656,10 @@ def print_table(report: dict[str, Any]) -> None:
             f"serial in one process: {d['serial_in_driver_s']:.2f} s; full-size JPEGs would add about "
             f"{d['estimate_full_size_jpegs']['extra_s_for_all']:.1f} s (estimate)"
         )
+    if "peak_rss_mib" in details.get("coco_parse_100k_s", {}):
+        d = details["coco_parse_100k_s"]
+        notes.append(f"coco_parse_100k_s: a {d['json_mb']:.0f} MB JSON, {d['objects']} boxes; peak RSS "
+                     f"{d['peak_rss_mib']:.0f} MiB (after imports {d['rss_before_mib']:.0f})")
     if "compute_s" in details.get("map_5k_s", {}):
         d = details["map_5k_s"]
         notes.append(f"map_5k_s: update {d['update_s']:.2f} s + compute {d['compute_s']:.2f} s "
@@ -612,7 +673,7 @@ def print_table(report: dict[str, Any]) -> None:
         notes.append(f"train_overhead_ratio: Ray {d['ray_images_per_s_last_epoch']:.2f} images/s (last epoch) "
                      f"/ bare {d['bare_images_per_s']:.2f} images/s")
     if any(GOALS[k][2] != "issue" for k in KEYS):
-        notes.append("* goal taken from the README's own claim, not from the issue")
+        notes.append("* goal not from the issue: the README's own claim, or our own bound")
     for note in notes:
         print(f"  {note}")
 

@@ -4,6 +4,7 @@ private cache / MLflow store per test so nothing touches the user's home."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,15 @@ from detexp.config import register_configs
 
 CONF_DIR = str(Path(detexp.__file__).parent / "conf")
 
+# Fake credentials for the S3 endpoint of tests/s3_server.py, set before Ray starts so that
+# its workers inherit them as a user's would; and never a real account's by mistake.
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -29,6 +39,16 @@ def ray_cluster():
         init_ray(None)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 endpoint on 127.0.0.1 (moto's server), for the whole run."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

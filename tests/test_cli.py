@@ -34,7 +34,7 @@ def test_command_help_shows_its_groups_and_names_the_command(tmp_path, command):
     out = _run(sys.executable, "-m", "detexp", *command.split(), "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"python -m detexp {command} [overrides...]")
-    assert "dataset: shapes, voc" in out.stdout
+    assert "dataset: coco, shapes, voc" in out.stdout
     assert "experiment: lr_sweep, smoke, voc_tutorial" in out.stdout
 
 

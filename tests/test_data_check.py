@@ -360,7 +360,7 @@ def test_data_check_of_a_missing_root_is_one_line(tmp_path):
                   "hydra.run.dir=check", cwd=tmp_path)
     assert out.returncode == 2
     assert "Traceback" not in out.stdout + out.stderr
-    assert "no Annotations/ folder" in out.stdout + out.stderr
+    assert "does not exist or is not a folder" in out.stdout + out.stderr
 
 
 def test_dataset_files_are_opened_only_inside_the_root(corpus, tmp_path):

@@ -171,10 +171,16 @@ def _images_with_objects(root: Path) -> int:
     return sum(1 for xml in (root / "Annotations").glob("*.xml") if _xml_objects(root, xml.stem))
 
 
+# The VOC class list, given: none of its names is in the export of _export()
+VOC_CLASSES = ("dataset.classes=[aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,diningtable,"
+               "dog,horse,motorbike,person,pottedplant,sheep,sofa,train,tvmonitor]")
+
+
 def _summary_lines(output: str, root: Path) -> tuple[str, str]:
-    """The summary's two lines: they open the output, and name each unknown name with its
-    image count (counted from the XML here) and the override."""
-    first, second = output.splitlines()[:2]
+    """The summary's two lines: they open the output after the line naming the layout, and
+    name each unknown name with its image count (counted from the XML here) and the override."""
+    lines = output.splitlines()
+    first, second = lines[1:3] if lines[0].startswith("dataset ") else lines[:2]
     assert first.startswith("4 class names in the annotations are not in dataset.classes"), output
     for name, images in _export_name_images(root).items():
         assert f"{name!r} in {images} images" in first, first
@@ -184,12 +190,13 @@ def _summary_lines(output: str, root: Path) -> tuple[str, str]:
 
 def test_data_check_and_show_give_the_summary_before_any_table(tmp_path):
     root = _export(tmp_path)
-    splits = ["dataset.train_split=fold0_train", "dataset.val_split=fold0_holdout"]
+    splits = ["dataset.train_split=fold0_train", "dataset.val_split=fold0_holdout", VOC_CLASSES]
     check = run_cli("data", "check", "dataset=voc", f"dataset.root={root}", *splits, "hydra.run.dir=check",
                     cwd=tmp_path)
     assert check.returncode == 1, check.stdout + check.stderr
     _, override = _summary_lines(check.stdout, root)
-    assert check.stdout.splitlines()[2].startswith("image_id  file"), check.stdout  # then the table
+    assert check.stdout.splitlines()[0].startswith(f"dataset {root}: JPEGImages/ + Annotations/"), check.stdout
+    assert check.stdout.splitlines()[3].startswith("image_id  file"), check.stdout  # then the table
     assert len(error_rows(check.stdout)) == _images_with_objects(root)  # the table still lists each
 
     show = run_cli("data", "show", "dataset=voc", f"dataset.root={root}", *splits, "hydra.run.dir=show",
@@ -201,7 +208,7 @@ def test_data_check_and_show_give_the_summary_before_any_table(tmp_path):
     # The suggested override, pasted as it is printed, makes the dataset clean.
     suggested = shlex.split(override.split("pass:", 1)[1])
     assert suggested == ["dataset.classes=[box_4,Disc,plus,\"tri angle\"]"]
-    again = run_cli("data", "check", "dataset=voc", f"dataset.root={root}", *splits, *suggested,
+    again = run_cli("data", "check", "dataset=voc", f"dataset.root={root}", *splits[:2], *suggested,
                     "hydra.run.dir=again", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "class names" not in again.stdout
@@ -213,9 +220,9 @@ def test_train_error_policy_puts_the_summary_before_the_table(tmp_path, caplog):
 
     root = _export(tmp_path)
     overrides = ["dataset=voc", f"dataset.root={root}",
-                 "dataset.train_split=fold0_train", "dataset.val_split=fold0_holdout"]
+                 "dataset.train_split=fold0_train", "dataset.val_split=fold0_holdout", VOC_CLASSES]
     source = resolve(compose_train(overrides).dataset)
-    _, problems = check_dataset(source.root, source.train_ids + source.val_ids, source.classes)
+    _, problems = check_dataset(source.root, source.train + source.val, source.classes)
 
     with pytest.raises(DetexpError) as info:
         _apply_error_policy(compose_train([*overrides, "dataset.on_error=raise"]), problems, tmp_path / "r", source)

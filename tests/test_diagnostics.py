@@ -209,13 +209,15 @@ def test_files_hold_the_numbers_and_the_plots_are_images(diagnostics, tmp_path):
 
 
 def test_worst_images_gallery_reads_the_dataset_images(diagnostics, tmp_path):
-    from detexp.commands.evaluate import _write_worst_images
+    from detexp.commands.evaluate import _Split, _write_worst_images
+    from detexp.data.files import DataRoot
 
-    (tmp_path / "JPEGImages").mkdir()
-    for image_id in "abc":
-        Image.new("RGB", (80, 60), (90, 120, 60)).save(tmp_path / "JPEGImages" / f"{image_id}.jpg")
+    (tmp_path / "photos").mkdir()
+    for image_id in "abc":  # the images as a layout lists them: any folder, any extension
+        Image.new("RGB", (80, 60), (90, 120, 60)).save(tmp_path / "photos" / f"{image_id}.png")
+    split = _Split(DataRoot(tmp_path), CLASSES, {i: f"photos/{i}.png" for i in "abc"}, None, 3)
     worst = diagnostics.worst_images()
-    (path,) = _write_worst_images(worst, tmp_path, CLASSES, tmp_path / "worst_images.jpg")
+    (path,) = _write_worst_images(worst, split, tmp_path / "worst_images.jpg")
     with Image.open(path) as grid:
         assert grid.size == (3 * 320, 320)  # 3 tiles in one row
-    assert _write_worst_images([], tmp_path, CLASSES, tmp_path / "none.jpg") == []
+    assert _write_worst_images([], split, tmp_path / "none.jpg") == []

@@ -84,7 +84,7 @@ def test_best_model_is_registered_with_a_signature_and_loads_with_mlflow(trained
 def test_predict_takes_the_registered_model(trained_smoke, tmp_path):
     images = tmp_path / "photos"
     images.mkdir()
-    for path in sorted((dataset_root(trained_smoke.cfg.dataset) / "JPEGImages").glob("*.jpg"))[:2]:
+    for path in sorted((dataset_root(trained_smoke.cfg.dataset).local_path("JPEGImages")).glob("*.jpg"))[:2]:
         shutil.copy(path, images / path.name)
     overrides = ["checkpoint=models:/shapes/1", f"input={images}", "score_threshold=0.0"]
     cfg = compose_train([f"tracking.uri={trained_smoke.uri}", *overrides], config_name="predict")

@@ -13,10 +13,8 @@ from detexp.data.parsing import check_dataset, parse_record
 from detexp.data.problems import format_problems, write_problems_csv
 from detexp.data.voc import (
     DatasetError,
+    ImageEntry,
     Problem,
-    annotation_path,
-    image_path,
-    list_annotation_ids,
     read_split_ids,
     seeded_split,
 )
@@ -284,11 +282,9 @@ def test_one_pixel_tolerance_clips_silently(tmp_path):
 
 
 @pytest.mark.parametrize("bad_id", ["../x", "../../etc/passwd", "/etc/passwd", "a/../../b", ""])
-def test_path_escape_raises(tmp_path, bad_id):
-    with pytest.raises(DatasetError):
-        annotation_path(tmp_path, bad_id)
-    with pytest.raises(DatasetError):
-        image_path(tmp_path, bad_id)
+def test_path_escape_is_an_entry_error(bad_id):
+    entry = ImageEntry.devkit(bad_id)
+    assert entry.error is not None and (not bad_id or "outside" in entry.error)
 
 
 def test_path_escape_in_parse_record_is_a_problem(tmp_path):
@@ -296,9 +292,9 @@ def test_path_escape_in_parse_record_is_a_problem(tmp_path):
     assert record is None and "outside" in errors(problems)[0].problem
 
 
-def test_paths_never_use_xml_filename(tmp_path):
-    assert image_path(tmp_path, "2008_000001") == tmp_path / "JPEGImages" / "2008_000001.jpg"
-    assert annotation_path(tmp_path, "a") == tmp_path / "Annotations" / "a.xml"
+def test_devkit_entry_paths():
+    entry = ImageEntry.devkit("2008_000001")
+    assert (entry.image, entry.annotation) == ("JPEGImages/2008_000001.jpg", "Annotations/2008_000001.xml")
 
 
 def test_read_split_ids_plain_and_per_class_format(tmp_path):
@@ -317,14 +313,6 @@ def test_missing_split_names_file_and_existing_splits(tmp_path):
     (main / "trainval.txt").write_text("a\n")
     with pytest.raises(DatasetError, match=r"ImageSets/Main/val\.txt.*train, trainval"):
         read_split_ids(tmp_path, "val")
-
-
-def test_list_annotation_ids_sorted(tmp_path):
-    for image_id in ("c", "a", "b"):
-        write_raw_xml(tmp_path, image_id, "<annotation/>")
-    assert list_annotation_ids(tmp_path) == ["a", "b", "c"]
-    with pytest.raises(DatasetError, match="Annotations"):
-        list_annotation_ids(tmp_path / "nope")
 
 
 def test_seeded_split_is_deterministic_and_disjoint():
@@ -385,11 +373,3 @@ def test_format_problems_empty():
 def test_bad_class_list_raises(tmp_path):
     with pytest.raises(DatasetError, match="twice"):
         parse_record(tmp_path, "x", ["dog", "dog"])
-
-
-def test_path_escape_with_relative_root(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert image_path(Path("data"), "a") == Path("data/JPEGImages/a.jpg")
-    for bad_id in ("/etc/passwd", "../a"):
-        with pytest.raises(DatasetError):
-            image_path(Path("data"), bad_id)

@@ -80,6 +80,11 @@ class TuneScheduler(Choice):
     fifo = "fifo"
 
 
+class DataFormat(str, Enum):
+    voc = "voc"
+    coco = "coco"
+
+
 @dataclass
 class SynthConfig:
     """Parameters of the generated ``shapes`` dataset (ignored for real data)."""
@@ -93,14 +98,25 @@ class SynthConfig:
 @dataclass
 class DatasetConfig:
     name: str = "shapes"
-    # A VOC-style folder (Annotations/, JPEGImages/, ImageSets/Main/). null for `shapes`,
-    # which is generated on first use under `cache_dir`.
+    format: DataFormat = DataFormat.voc  # voc: Pascal VOC XML files | coco: COCO JSON
+    # The export's folder, or a URI pyarrow opens (s3://bucket/prefix, gs://...). Its layout
+    # is found by looking (docs/data.md). null for `shapes`, generated under `cache_dir`.
     root: str | None = None
+    # Class names; empty = read from the train split (the export's class list, else the
+    # names its annotations use, sorted).
     classes: list[str] = field(default_factory=list)
-    # Names of ImageSets/Main/<split>.txt. A folder without ImageSets gets a seeded
-    # `val_fraction` split of Annotations/*.xml instead.
+    # Splits: ImageSets/Main/<split>.txt, a split folder (<root>/<split>/; `val` finds
+    # `valid/` too) or COCO's <split> JSON. A layout without splits gets a seeded
+    # `val_fraction` split instead.
     train_split: str | None = "train"
     val_split: str | None = "val"
+    # Folders relative to the root, for names the layout search cannot guess (VOC: the
+    # images and the XMLs; COCO: the images of the JSON files below).
+    images_dir: str | None = None
+    annotations_dir: str | None = None
+    # COCO JSON files relative to the root, instead of finding them by split name.
+    train_annotations: str | None = None
+    val_annotations: str | None = None
     val_fraction: float = 0.2
     split_seed: int = 0
     batch_size: int = 2  # images per worker per step

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from detexp.data.files import DataRoot
 from detexp.data.label_stats import (
     bin_labels,
     format_label_stats,
@@ -28,7 +29,7 @@ from detexp.data.label_stats import (
 from detexp.data.parsing import object_name_images
 from detexp.data.problems import class_names_summary, has_unknown_classes, write_problems_csv
 from detexp.data.source import DataSource, resolve
-from detexp.data.voc import Problem, VOCRecord, image_path
+from detexp.data.voc import ImageEntry, Problem, VOCRecord
 from detexp.errors import ConfigError
 
 STATS_FILE = "label_stats.json"
@@ -46,15 +47,14 @@ def data_show(cfg: Any, run_dir: str | Path) -> dict:
     if cfg.grid_images < 0:
         raise ConfigError(f"grid_images={cfg.grid_images} must be 0 (no grid) or more")
     source = resolve(cfg.dataset)
+    print(source.summary())
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    split_ids = {"train": source.train_ids, "val": source.val_ids} if source.val_ids else {"train": source.train_ids}
-    records, problems = _read_splits(source, split_ids)
+    splits = {"train": source.train, "val": source.val} if source.val else {"train": source.train}
+    records, problems = _read_splits(source, splits)
     if has_unknown_classes(problems):  # first, as train and data check say it
-        all_ids = list(dict.fromkeys(source.train_ids + source.val_ids))
-        print(class_names_summary(object_name_images(source.root, all_ids), source.classes))
-    stats = {"root": str(source.root), **label_stats(records, {s: len(i) for s, i in split_ids.items()}, source.classes)}
-    print(f"dataset {source.root}: " + ", ".join(f"{s} {len(ids)} images" for s, ids in split_ids.items()))
+        print(class_names_summary(object_name_images(source.root, source.train + source.val), source.classes))
+    stats = {"root": str(source.root), **label_stats(records, {s: len(e) for s, e in splits.items()}, source.classes)}
     print(format_label_stats(stats))
 
     errors = [p for p in problems if p.severity == "error"]
@@ -74,17 +74,17 @@ def data_show(cfg: Any, run_dir: str | Path) -> dict:
     return stats
 
 
-def _read_splits(source: DataSource, split_ids: dict[str, list[str]]) -> tuple[dict[str, list[VOCRecord]], list[Problem]]:
+def _read_splits(source: DataSource, splits: dict[str, list[ImageEntry]]) -> tuple[dict[str, list[VOCRecord]], list[Problem]]:
     """(usable records of each split, the problems of all of them)."""
     records: dict[str, list[VOCRecord]] = {}
     problems: list[Problem] = []
-    for split, ids in split_ids.items():
-        records[split], found = read_records(source.root, ids, source.classes)
+    for split, entries in splits.items():
+        records[split], found = read_records(source.root, entries, source.classes)
         problems += found
     return records, problems
 
 
-def draw_gt_grid(root: Path, records: list[VOCRecord], classes: list[str]) -> Image.Image:
+def draw_gt_grid(root: DataRoot, records: list[VOCRecord], classes: list[str]) -> Image.Image:
     """The images of ``records`` with their boxes in class colours and names (difficult
     ones as thin white boxes, as ground truth is drawn under predictions elsewhere), each
     captioned with its id, tiled GRID_COLUMNS wide."""
@@ -92,7 +92,7 @@ def draw_gt_grid(root: Path, records: list[VOCRecord], classes: list[str]) -> Im
 
     tiles = []
     for record in records:
-        with Image.open(image_path(root, record.image_id)) as image:
+        with Image.open(root.open(record.image)) as image:
             easy = ~record.difficult
             drawn = draw_detections(
                 image, record.boxes[easy], record.labels[easy], None, classes,

@@ -34,15 +34,15 @@ from PIL import Image
 
 from detexp.checkpoint.effective_config import prepare_inference
 from detexp.checkpoint.files import CHECKPOINT_FILE, load_state
+from detexp.data.files import DataRoot
 from detexp.data.problems import format_problems, write_problems_csv
-from detexp.data.voc import SPLITS_DIR, list_annotation_ids, read_split_ids, seeded_split
 from detexp.distributed.batch_inference import (
     BATCHES_PER_BLOCK,
     prediction_records,
     run_predictor,
     write_jsonl,
 )
-from detexp.errors import ConfigError, DatasetError, DetexpError
+from detexp.errors import ConfigError, DetexpError
 from detexp.evaluation.diagnostics import (
     DetectionDiagnostics,
     ImageErrors,
@@ -55,20 +55,6 @@ from detexp.evaluation.diagnostics import (
 log = logging.getLogger("detexp")
 WORST_IMAGES = 8  # images in worst_images.jpg
 GRID_IMAGES = 8  # the val split's first images (by id), drawn in predictions_grid.jpg
-
-
-def split_ids(dataset_cfg: Any, root: Path) -> list[str]:
-    """The ids ``dataset.val_split`` names; the same rule as training's validation split
-    (a seeded ``val_fraction`` of the annotations for a folder without ImageSets/Main)."""
-    if (root / SPLITS_DIR).is_dir() and dataset_cfg.train_split:
-        if not dataset_cfg.val_split:
-            raise ConfigError("dataset.val_split is null: name the split to evaluate (dataset.val_split=val)")
-        ids = read_split_ids(root, dataset_cfg.val_split)
-    else:
-        _, ids = seeded_split(list_annotation_ids(root), dataset_cfg.val_fraction, dataset_cfg.split_seed)
-    if not ids:
-        raise ConfigError(f"dataset.val_split={dataset_cfg.val_split!r} in {root} lists no images")
-    return ids
 
 
 def evaluate_split(
@@ -100,7 +86,7 @@ def evaluate_split(
                  cfg.dataset.val_split, cfg.scaling.num_workers)
         stream = run_predictor(
             decode_images(split.annotations, split.root, 0.0), cfg.model, classes, state, cfg.scaling,
-            batch_size=batch_size, draw=sorted(split.ids)[: max(grid_images, 0)], draw_threshold=score_threshold,
+            batch_size=batch_size, draw=sorted(split.images)[: max(grid_images, 0)], draw_threshold=score_threshold,
             total=split.usable, ray_log=None if cfg.ray.verbose else out_dir / "ray.log",
         )
     else:
@@ -120,7 +106,7 @@ def evaluate_split(
     files = [out_dir / "predictions.jsonl", *_write_metric_files(metrics, evaluator, drawn, out_dir)]
     files += write_confusion_matrix(diagnostics.confusion_matrix(), classes, score_threshold, out_dir)
     files += write_threshold_curves(diagnostics.threshold_curves(), out_dir)
-    files += _write_worst_images(diagnostics.worst_images(), split.root, classes, out_dir / "worst_images.jpg")
+    files += _write_worst_images(diagnostics.worst_images(), split, out_dir / "worst_images.jpg")
     return metrics, files, diagnostics.summary()
 
 
@@ -128,27 +114,31 @@ def evaluate_split(
 class _Split:
     """The split an evaluation reads: its annotations (read and checked on Ray Data)."""
 
-    root: Path
+    root: DataRoot
     classes: list[str]
-    ids: list[str]
+    images: dict[str, str]  # image id -> image file, relative to the root
     annotations: Any  # ray.data.Dataset of annotation rows, in blocks of a few batches
     usable: int  # images left after the error policy
 
 
 def _read_split(cfg: Any, out_dir: Path, batch_size: int) -> _Split:
+    """The entries of ``dataset.val_split`` (the same rule as training's validation split:
+    the split folder, split file or JSON it names, else the seeded ``val_fraction`` share),
+    their annotations read and the error policy applied."""
     from detexp.data.annotations import problems_of, read_annotations
-    from detexp.data.source import dataset_root
+    from detexp.data.source import resolve
 
-    classes = list(cfg.dataset.classes)
-    if not classes:
-        raise DatasetError("dataset.classes is empty: list the class names (background is implicit)")
-    root = dataset_root(cfg.dataset)
-    ids = split_ids(cfg.dataset, root)
+    if not cfg.dataset.val_split:
+        raise ConfigError("dataset.val_split is null: name the split to evaluate (dataset.val_split=val)")
+    source = resolve(cfg.dataset, read_train=False)
+    log.info("%s", source.summary())
+    if not source.val:
+        raise ConfigError(f"dataset.val_split={cfg.dataset.val_split!r} in {source.root} lists no images")
     out_dir.mkdir(parents=True, exist_ok=True)
-    annotations = read_annotations(root, ids, classes).materialize()
-    usable = _apply_error_policy(cfg.dataset.on_error, problems_of(annotations), len(ids), out_dir)
+    annotations = read_annotations(source.root, source.val, source.classes).materialize()
+    usable = _apply_error_policy(cfg.dataset.on_error, problems_of(annotations), len(source.val), out_dir)
     annotations = annotations.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
-    return _Split(root, classes, ids, annotations, usable)
+    return _Split(source.root, source.classes, {e.image_id: e.image for e in source.val}, annotations, usable)
 
 
 def _score(stream, evaluator, diagnostics: DetectionDiagnostics, classes: list[str], path: Path) -> dict[str, bytes]:
@@ -181,19 +171,18 @@ def _write_metric_files(metrics: dict[str, Any], evaluator, drawn: dict[str, byt
     return files
 
 
-def _write_worst_images(worst: list[ImageErrors], root: Path, classes: list[str], path: Path) -> list[Path]:
+def _write_worst_images(worst: list[ImageErrors], split: _Split, path: Path) -> list[Path]:
     """The images with the most errors, drawn as on predictions_grid.jpg and captioned with
     their counts; read from the dataset on the driver (a handful of images)."""
-    from detexp.data.voc import image_path
     from detexp.evaluation.figures import draw_detections, image_grid
 
     if not worst:
         return []
     drawn = []
     for image in worst:
-        with Image.open(image_path(root, image.image_id)) as pixels:
+        with Image.open(split.root.open(split.images[image.image_id])) as pixels:
             drawn.append(draw_detections(
-                pixels, image.det_boxes, image.det_labels, image.det_scores, classes,
+                pixels, image.det_boxes, image.det_labels, image.det_scores, split.classes,
                 gt_boxes=image.gt_boxes, gt_labels=image.gt_labels,
             ))
     cols, tile = 4, 320

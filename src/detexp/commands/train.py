@@ -137,10 +137,10 @@ def train(
     :class:`TrainingDivergedError` when the loss becomes NaN/inf (the MLflow run is then
     FAILED and the last good checkpoint stays)."""
     check_train_config(cfg)
+    source = find_data(cfg)
     run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
-    if run.finished:  # nothing to train: no Ray, no data
+    if run.finished:  # nothing to train: no Ray
         return _report_finished(run, callbacks)
-    source = resolve(cfg.dataset)
     if cfg.schedule.patience is not None and not source.val_ids:
         raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
     datasets, counts = _start_ray_and_read(run, source)
@@ -164,6 +164,16 @@ def train(
 
         report_training(cfg, best_model.existing() or result.checkpoint, run.dir, run.tracker, best_model.predictions)
     return _finish(run, run_id, result.checkpoint, progress)
+
+
+def find_data(cfg: DictConfig) -> DataSource:
+    """The dataset's layout and splits, said in a few lines; classes read from the data are
+    written into ``cfg`` (and so into the run's config, params and checkpoints)."""
+    source = resolve(cfg.dataset)
+    log.info("%s", source.summary())
+    if list(cfg.dataset.classes) != source.classes:
+        cfg.dataset.classes = source.classes
+    return source
 
 
 def _plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str], tags: Mapping[str, str] | None) -> TrainRun:
@@ -364,8 +374,8 @@ def _load_datasets(cfg: DictConfig, source: DataSource):
     from detexp.data.pipeline import decode_images
 
     started = time.perf_counter()
-    train_ann = read_annotations(source.root, source.train_ids, source.classes).materialize()
-    val_ann = read_annotations(source.root, source.val_ids, source.classes).materialize()
+    train_ann = read_annotations(source.root, source.train, source.classes).materialize()
+    val_ann = read_annotations(source.root, source.val, source.classes).materialize()
     problems = problems_of(train_ann) + (problems_of(val_ann) if source.val_ids else [])
     order = {image_id: n for n, image_id in enumerate(source.train_ids + source.val_ids)}
     problems.sort(key=lambda p: order.get(p.image_id, len(order)))  # split order, not block order
@@ -399,7 +409,7 @@ def _apply_error_policy(cfg: DictConfig, problems: list[Problem], run_dir: Path,
     write_problems_csv(errors, skipped_csv)
     table = problems_table(errors, skipped_csv)
     if has_unknown_classes(errors):  # the names and the override first, not one row per object
-        names = object_name_images(source.root, list(dict.fromkeys(source.train_ids + source.val_ids)))
+        names = object_name_images(source.root, source.train + source.val)
         table = f"{class_names_summary(names, source.classes)}\n{table}"
     if cfg.dataset.on_error == "raise":
         raise DetexpError(f"the dataset has errors (dataset.on_error=raise):\n{table}")

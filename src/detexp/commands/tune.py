@@ -35,6 +35,7 @@ from ray.tune import Callback
 
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig, plain
+from detexp.data.files import is_uri
 from detexp.epoch_report import DIVERGED, EPOCH
 from detexp.errors import ConfigError, ResourceError
 from detexp.tracking.progress import EPOCH_KEY, best_key, epoch_values
@@ -119,7 +120,7 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
     for key in ("dataset.root", "dataset.cache_dir", "model.checkpoint"):
         value = OmegaConf.select(cfg, key)
-        if value is not None:
+        if value is not None and not is_uri(value):  # s3://... stays as it is
             OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()), merge=False)
     return cfg
 
@@ -175,7 +176,10 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     ``run_dir`` continues an interrupted search."""
     from ray import tune as ray_tune
 
+    from detexp.commands.train import find_data
+
     base, space = check_tune_config(cfg)
+    find_data(base)  # the layout found once, said once; every trial trains on the same classes
     run_dir = Path(run_dir).resolve()
     restoring = cfg.resume and ray_tune.Tuner.can_restore(str(run_dir / EXPERIMENT))
     if (run_dir / EXPERIMENT).exists() and not restoring:

@@ -1,5 +1,6 @@
 """The annotation side of the Ray Data reader: a datasource whose read tasks parse and
-check VOC XML files (and decode each image once to check it), one row per image.
+check each image's annotation (its VOC XML, or its objects from a COCO JSON) and decode the
+image once to check it, one row per image.
 
 This module imports no torch: unpickling a read task on a fresh Ray worker imports it,
 and torch + torchvision would add about 4 s to the first read of every run. Images are
@@ -19,12 +20,14 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.data.expressions import col
 
+from detexp.data.files import DataRoot, as_root
 from detexp.data.parsing import parse_record
-from detexp.data.voc import Problem
+from detexp.data.voc import ImageEntry, Problem
 
 ANNOTATION_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
+        ("image_file", pa.string()),  # the image file, relative to the dataset root
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("boxes", pa.list_(pa.float32())),  # flat xmin, ymin, xmax, ymax, ...
@@ -42,18 +45,18 @@ class VOCAnnotationDatasource(Datasource):
     with an error get ``ok=False`` and their problems, so the driver can count, list and
     skip them."""
 
-    def __init__(self, root: str | Path, ids: Sequence[str], classes: Sequence[str]):
+    def __init__(self, root: DataRoot | str | Path, entries: Sequence[ImageEntry | str], classes: Sequence[str]):
         super().__init__()
-        self._root = str(root)
-        self._ids = list(ids)
+        self._root = as_root(root)
+        self._entries = [ImageEntry.devkit(e) if isinstance(e, str) else e for e in entries]
         self._classes = tuple(classes)
 
     def estimate_inmemory_data_size(self) -> int:
-        return 200 * len(self._ids)
+        return 200 * len(self._entries)
 
     def get_read_tasks(self, parallelism: int, **kwargs) -> list[ReadTask]:
-        n_tasks = max(1, min(parallelism, len(self._ids) // 64 or 1))
-        chunks = [c for c in np.array_split(np.asarray(self._ids, dtype=object), n_tasks) if len(c)]
+        n_tasks = max(1, min(parallelism, len(self._entries) // 64 or 1))
+        chunks = [c for c in np.array_split(np.asarray(self._entries, dtype=object), n_tasks) if len(c)]
         root, classes = self._root, self._classes
         return [
             ReadTask(
@@ -68,13 +71,16 @@ class VOCAnnotationDatasource(Datasource):
         ]
 
 
-def _read_annotations(root: str, ids: list[str], classes: tuple[str, ...]) -> pa.Table:
+def _read_annotations(root: DataRoot | str | Path, entries: Sequence[ImageEntry | str], classes: Sequence[str]) -> pa.Table:
     columns: dict[str, list] = {name: [] for name in ANNOTATION_SCHEMA.names}
-    for image_id in ids:
+    root = as_root(root)
+    for entry in entries:
+        entry = ImageEntry.devkit(entry) if isinstance(entry, str) else entry
         # Decode every pixel here, once: a truncated JPEG must be skipped and counted now,
         # not crash a worker mid-epoch (or, dropped there, leave DDP ranks uneven).
-        record, problems = parse_record(Path(root), image_id, classes, verify_image=True)
-        columns["image_id"].append(image_id)
+        record, problems = parse_record(root, entry, tuple(classes), verify_image=True)
+        columns["image_id"].append(entry.image_id)
+        columns["image_file"].append(entry.image)
         columns["problems"].append(json.dumps([p.__dict__ for p in problems]))
         columns["ok"].append(record is not None)
         if record is None:
@@ -92,8 +98,8 @@ def _read_annotations(root: str, ids: list[str], classes: tuple[str, ...]) -> pa
     return pa.Table.from_pydict(columns, schema=ANNOTATION_SCHEMA)
 
 
-def read_annotations(root: str | Path, ids: Sequence[str], classes: Sequence[str]) -> ray.data.Dataset:
-    return ray.data.read_datasource(VOCAnnotationDatasource(root, ids, classes))
+def read_annotations(root: DataRoot | str | Path, entries: Sequence[ImageEntry | str], classes: Sequence[str]) -> ray.data.Dataset:
+    return ray.data.read_datasource(VOCAnnotationDatasource(root, entries, classes))
 
 
 def problems_of(annotations: ray.data.Dataset) -> list[Problem]:

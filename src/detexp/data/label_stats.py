@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from detexp.data.files import DataRoot
 from detexp.data.parsing import parse_record
-from detexp.data.voc import Problem, VOCRecord
+from detexp.data.voc import ImageEntry, Problem, VOCRecord
 
 # Histogram edges come from the ladder 1, 1.5, 2, 3, 4, 6, 8, 12, ... (and 1/x below 1 for
 # aspect ratios): round numbers, two bins an octave, and the COCO small/medium limits of
@@ -28,13 +29,13 @@ _BAR_WIDTH = 30  # characters of the longest histogram bar on the console
 OBJECTS_PER_IMAGE_CAP = 10  # the tables and plots show "10+"; label_stats.json every count
 
 
-def read_records(root: Path, ids: Sequence[str], classes: Sequence[str]) -> tuple[list[VOCRecord], list[Problem]]:
-    """(usable records, all problems) of ``ids``, reading only the JPEG headers: fast, so a
-    truncated JPEG counts as usable here (``data check`` decodes every pixel)."""
+def read_records(root: DataRoot | Path, entries: Sequence[ImageEntry | str], classes: Sequence[str]) -> tuple[list[VOCRecord], list[Problem]]:
+    """(usable records, all problems) of ``entries``, reading only the image headers: fast,
+    so a truncated JPEG counts as usable here (``data check`` decodes every pixel)."""
     records: list[VOCRecord] = []
     problems: list[Problem] = []
-    for image_id in ids:
-        record, found = parse_record(root, image_id, classes)
+    for entry in entries:
+        record, found = parse_record(root, entry, classes)
         problems.extend(found)
         if record is not None:
             records.append(record)

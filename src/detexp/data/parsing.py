@@ -1,16 +1,21 @@
-"""Parsing and validating one VOC annotation and its image.
+"""Parsing and validating one image's annotation (a VOC XML, or its objects from a COCO
+JSON) and the image itself.
 
-:func:`parse_record` turns one id into a :class:`~detexp.data.voc.VOCRecord` (boxes,
-labels, difficult flags, the image's real size) or into a list of
-:class:`~detexp.data.voc.Problem` s that name the file and say what is wrong. It never
-imports Ray, Hydra or MLflow, so the datasource, ``data check`` and the tests share it.
+:func:`parse_record` turns one :class:`~detexp.data.voc.ImageEntry` into a
+:class:`~detexp.data.voc.VOCRecord` (boxes, labels, difficult flags, the image's real size)
+or into a list of :class:`~detexp.data.voc.Problem` s that name the file and say what is
+wrong. COCO objects are put into the shape of a parsed XML first, so both formats meet one
+policy. It never imports Ray, Hydra or MLflow, so the datasource, ``data check`` and the
+tests share it.
 
 Conventions kept from the VOC devkit:
 
 * Box coordinates are returned exactly as written in the XML (1-based pixel
   indices in VOC itself), only clipped to ``[0, width] x [0, height]``. Converting
   to another convention is the caller's business.
-* The image size comes from the JPEG header, not from the XML ``<size>``.
+* The image size comes from the image header, not from the XML ``<size>``.
+* COCO ``[x, y, w, h]`` boxes become ``[x, y, x + w, y + h]``; ``iscrowd`` boxes are
+  ignored in evaluation as VOC's difficult ones are.
 """
 
 from __future__ import annotations
@@ -25,14 +30,8 @@ import numpy as np
 import xmltodict
 from PIL import Image, ImageFile
 
-from detexp.data.voc import (
-    Problem,
-    VOCRecord,
-    annotation_path,
-    annotation_relpath,
-    image_path,
-    image_relpath,
-)
+from detexp.data.files import DataRoot, as_root, first_line
+from detexp.data.voc import ImageEntry, Problem, VOCRecord
 from detexp.errors import DatasetError
 
 # Coordinates may stray this far outside the image before it counts as an error;
@@ -79,6 +78,8 @@ def _text(node: object) -> str | None:
         node = node.get("#text")
     if isinstance(node, str):
         return node.strip()
+    if isinstance(node, int | float) and not isinstance(node, bool):  # a COCO number
+        return repr(node)
     return None
 
 
@@ -102,18 +103,18 @@ class _ImageInfo:
         self.error: str | None = None
 
 
-def _inspect_image(path: Path, verify: bool) -> _ImageInfo:
+def _inspect_image(root: DataRoot, rel: str, verify: bool) -> _ImageInfo:
     """Open the image header (and decode it fully when ``verify``); never raises."""
     info = _ImageInfo()
     try:
-        with Image.open(path) as img:
+        with Image.open(root.open(rel)) as img:
             info.width, info.height = img.size
             info.mode = img.mode
             if "exif" in img.info:
                 info.orientation = int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
             if verify:
                 _decode_fully(img)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         info.error = "image file is missing"
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         info.error = f"image cannot be read: {_describe_image_error(exc)}"
@@ -143,14 +144,14 @@ def _describe_image_error(exc: Exception) -> str:
     return text
 
 
-def _load_annotation(path: Path) -> tuple[dict | None, str | None]:
+def _load_annotation(root: DataRoot, rel: str) -> tuple[dict | None, str | None]:
     """(the <annotation> dict, None) or (None, what is wrong)."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = root.read_bytes(rel)
+    except (FileNotFoundError, IsADirectoryError):
         return None, "annotation file is missing"
     except OSError as exc:
-        return None, f"annotation file cannot be read: {exc}"
+        return None, f"annotation file cannot be read: {first_line(exc)}"
     if not data.strip():
         return None, "annotation file is empty"
     try:
@@ -224,7 +225,7 @@ def _box_bounds_problem(coords: Sequence[float], width: int, height: int) -> str
     return "; ".join(issues) or None
 
 
-def _size_mismatch(ann: dict, width: int, height: int) -> str | None:
+def _size_mismatch(ann: dict, width: int, height: int, what: str = "XML <size>") -> str | None:
     """A <size> that disagrees with the JPEG usually means images were resized after labelling."""
     size = ann.get("size")
     if not isinstance(size, dict):
@@ -236,48 +237,52 @@ def _size_mismatch(ann: dict, width: int, height: int) -> str | None:
     if xml_w <= 0 or xml_h <= 0 or (xml_w, xml_h) == (width, height):
         return None  # absent/zero sizes are common in exports and harmless
     return (
-        f"XML <size> {xml_w}x{xml_h} differs from the image's {width}x{height}; "
+        f"{what} {xml_w}x{xml_h} differs from the image's {width}x{height}; "
         "using the image size (were the images resized after labelling?)"
     )
 
 
 def parse_record(
-    root: Path, image_id: str, classes: Sequence[str], verify_image: bool = False
+    root: DataRoot | Path | str, entry: ImageEntry | str, classes: Sequence[str], verify_image: bool = False
 ) -> tuple[VOCRecord | None, list[Problem]]:
-    """Parse one image's annotation and check it against its JPEG.
+    """Parse one image's annotation and check it against its image.
 
+    ``entry`` is an :class:`ImageEntry` (a plain id means the devkit's paths of that id).
     Returns ``(record, warnings)`` when the image is usable and ``(None, problems)``
     as soon as any problem is an error. Never raises for bad data (a malformed id
     becomes an error Problem too); raises DatasetError only for a bad class list.
-    With ``verify_image`` the JPEG is fully decoded (slow; ``data check``),
+    With ``verify_image`` the image is fully decoded (slow; ``data check``),
     otherwise only its header is read for the size (one XML parse, one header open).
     """
     index = _class_index(tuple(classes))
-    root = Path(root)
-    try:
-        xml_file, jpg_file = annotation_path(root, image_id), image_path(root, image_id)
-    except DatasetError as exc:
-        return None, [Problem(str(image_id), str(image_id), str(exc), "error")]
+    root = as_root(root)
+    if isinstance(entry, str):
+        entry = ImageEntry.devkit(entry)
+    image_id, ann_rel, img_rel = entry.image_id, entry.annotation, entry.image
+    if entry.error is not None:
+        return None, [Problem(image_id, ann_rel, entry.error, "error")]
 
     problems: list[Problem] = []
-    ann_rel, img_rel = annotation_relpath(image_id), image_relpath(image_id)
 
     def report(file: str, message: str, severity: str = "error", unknown_class: str | None = None) -> None:
         problems.append(Problem(image_id, file, message, severity, unknown_class))
 
-    image = _inspect_image(jpg_file, verify_image)
+    image = _inspect_image(root, img_rel, verify_image)
     if image.error:
         report(img_rel, image.error)
     else:
         _report_image_warnings(image, img_rel, report)
 
-    ann, ann_error = _load_annotation(xml_file)
+    if entry.objects is not None:
+        ann, ann_error = _coco_annotation(entry), None
+    else:
+        ann, ann_error = _load_annotation(root, ann_rel)
     if ann is None:
         report(ann_rel, ann_error or "annotation cannot be read")
         return None, problems
 
     if not image.error:
-        mismatch = _size_mismatch(ann, image.width, image.height)
+        mismatch = _size_mismatch(ann, image.width, image.height, "COCO width/height" if entry.objects is not None else "XML <size>")
         if mismatch:
             report(ann_rel, mismatch, "warning")
 
@@ -292,11 +297,28 @@ def parse_record(
         image_id=image_id,
         width=image.width,
         height=image.height,
+        image=img_rel,
         boxes=box_array,
         labels=np.asarray(labels, dtype=np.int64),
         difficult=np.asarray(difficult, dtype=bool),
     )
     return record, problems
+
+
+def _coco_annotation(entry: ImageEntry) -> dict:
+    """A COCO image's objects in the shape of a parsed VOC XML, for the same checks."""
+    objects = []
+    for ref, name, x, y, w, h, iscrowd in entry.objects:
+        obj: dict = {"_ref": ref, "difficult": "1" if iscrowd else "0"}
+        if name is None:
+            obj["_error"] = "unknown category id"
+        else:
+            obj["name"] = name
+        if None not in (x, y, w, h):
+            obj["bndbox"] = {"xmin": x, "ymin": y, "xmax": x + w, "ymax": y + h}
+        objects.append(obj)
+    size = {"width": entry.size[0], "height": entry.size[1]} if entry.size else None
+    return {"object": objects, "size": size}
 
 
 def _parse_objects(objects: list, index, image: _ImageInfo, report, ann_rel: str):
@@ -350,9 +372,12 @@ def _parse_object(
         report(ann_rel, f"object {number} is empty")
         return None
     name = _text(obj.get("name"))
-    where = f"object {number}" + (f" {name!r}" if name else "")
+    where = obj.get("_ref") or f"object {number}" + (f" {name!r}" if name else "")
     ok = True
-    if not name:
+    if obj.get("_error"):
+        report(ann_rel, f"{obj['_error']} in {where}")
+        ok = False
+    elif not name:
         report(ann_rel, f"missing <name> in {where}")
         ok = False
     elif name not in index:
@@ -398,33 +423,49 @@ def _parse_object(
 
 
 def check_dataset(
-    root: Path, ids: Sequence[str], classes: Sequence[str]
+    root: DataRoot | Path | str, entries: Sequence[ImageEntry | str], classes: Sequence[str]
 ) -> tuple[list[VOCRecord], list[Problem]]:
-    """Parse and fully decode every listed image: (usable records, all problems in id order)."""
+    """Parse and fully decode every listed image: (usable records, all problems in entry order)."""
     records: list[VOCRecord] = []
     problems: list[Problem] = []
-    for image_id in ids:
-        record, found = parse_record(root, image_id, classes, verify_image=True)
+    for entry in entries:
+        record, found = parse_record(root, entry, classes, verify_image=True)
         problems.extend(found)
         if record is not None:
             records.append(record)
     return records, problems
 
 
-def object_name_images(root: Path, ids: Sequence[str]) -> dict[str, int]:
-    """Object name -> number of the listed images whose annotation uses it, for every name
-    (in ``dataset.classes`` or not), read as :func:`parse_record` reads it (stripped).
+def object_names(root: DataRoot, entry: ImageEntry) -> set[str]:
+    """The object names one image's annotation uses (stripped, as :func:`parse_record` reads
+    them); empty when it cannot be read (:func:`parse_record` reports that)."""
+    if entry.error is not None:
+        return set()
+    if entry.objects is not None:
+        return {name for _, name, *_ in entry.objects if name}
+    ann, _ = _load_annotation(root, entry.annotation)
+    objects = (ann or {}).get("object") or []
+    return {name for obj in objects if isinstance(obj, dict) and (name := _text(obj.get("name")))}
 
-    Only the XML is read. Annotations that cannot be read and ids that leave the root count
-    for nothing: :func:`parse_record` reports those. This is what a summary of unknown class
-    names needs that the problems cannot tell: whether the configured classes appear at all.
+
+def object_name_images(root: DataRoot | Path | str, entries: Sequence[ImageEntry | str]) -> dict[str, int]:
+    """Object name -> number of the listed images whose annotation uses it, for every name
+    (in ``dataset.classes`` or not).
+
+    Only the annotations are read, by a few threads (a remote root answers each read after a
+    round trip). This is what a summary of unknown class names, and classes read from the
+    data, need that the problems cannot tell.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = as_root(root)
+    items = [ImageEntry.devkit(e) if isinstance(e, str) else e for e in entries]
     counts: Counter[str] = Counter()
-    for image_id in ids:
-        try:
-            ann, _ = _load_annotation(annotation_path(Path(root), image_id))
-        except DatasetError:
-            continue
-        objects = (ann or {}).get("object") or []
-        counts.update({name for obj in objects if isinstance(obj, dict) and (name := _text(obj.get("name")))})
+    if root.remote:
+        with ThreadPoolExecutor(16) as pool:
+            for names in pool.map(lambda e: object_names(root, e), items):
+                counts.update(names)
+    else:
+        for entry in items:
+            counts.update(object_names(root, entry))
     return dict(counts)

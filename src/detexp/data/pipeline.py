@@ -24,14 +24,15 @@ import ray.data
 from PIL import Image
 from ray.data.expressions import col
 
-from detexp.data.voc import image_path
+from detexp.data.files import DataRoot, as_root
 
 if TYPE_CHECKING:
     import torch
 
 
-def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Table:
-    """``map_batches`` step: read JPEGImages/<id>.jpg, convert to RGB and, for training,
+def decode_batch(batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0) -> pa.Table:
+    """``map_batches`` step: read each row's ``image_file`` (relative to ``root``, a folder
+    or a URI), convert to RGB and, for training,
     flip each image with its boxes with probability ``hflip_prob``. Output pixels are uint8
     CHW bytes; the float conversion happens on the worker's device, which keeps the object
     store 4x smaller.
@@ -41,11 +42,12 @@ def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Tabl
     because importing torchvision costs each decode process about 6 CPU seconds (it imports
     ``torch._dynamo``), on the way to a run's first batch."""
     rng = np.random.default_rng() if hflip_prob > 0 else None
+    root = as_root(root)
     images, shapes, boxes_out = [], [], []
-    for image_id, flat_boxes in zip(
-        batch.column("image_id").to_pylist(), batch.column("boxes").to_pylist(), strict=True
+    for image, flat_boxes in zip(
+        batch.column("image_file").to_pylist(), batch.column("boxes").to_pylist(), strict=True
     ):
-        with Image.open(image_path(Path(root), image_id)) as img:
+        with Image.open(root.open(image)) as img:
             pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # HWC -> CHW
         boxes = np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4)
         if rng is not None and rng.random() < hflip_prob:
@@ -64,12 +66,12 @@ def decode_batch(batch: pa.Table, root: str, hflip_prob: float = 0.0) -> pa.Tabl
 
 
 def decode_images(
-    annotations: ray.data.Dataset, root: str | Path, hflip_prob: float = 0.0
+    annotations: ray.data.Dataset, root: DataRoot | str | Path, hflip_prob: float = 0.0
 ) -> ray.data.Dataset:
     """Usable images only (``ok``), decoded; pixels are read lazily, never on the driver."""
     return annotations.filter(expr=col("ok")).map_batches(
         decode_batch,
-        fn_kwargs={"root": str(root), "hflip_prob": hflip_prob},
+        fn_kwargs={"root": as_root(root), "hflip_prob": hflip_prob},
         batch_format="pyarrow",
         batch_size=16,
     )

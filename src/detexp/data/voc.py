@@ -1,10 +1,10 @@
-"""The Pascal VOC folder layout: paths inside a dataset root, split files, and the
-records and problems that parsing produces (:mod:`detexp.data.parsing`).
+"""The records every reader produces: :class:`ImageEntry` (where one image and its boxes
+are), :class:`VOCRecord` (its parsed boxes) and :class:`Problem` (what is wrong with it);
+and the Pascal VOC devkit layout's paths and split files.
 
-A VOC-style root holds ``Annotations/<id>.xml``, ``JPEGImages/<id>.jpg`` and
-``ImageSets/Main/<split>.txt``. Image paths are always ``JPEGImages/<id>.jpg``; the XML
-``<filename>``/``<path>`` is never used: third-party exports get it wrong, and it could
-point anywhere. Nothing here imports torch, Ray, Hydra or MLflow.
+A devkit root holds ``Annotations/<id>.xml``, ``JPEGImages/<id>.jpg`` and
+``ImageSets/Main/<split>.txt``; :mod:`detexp.data.layouts` finds it and the other layouts
+labelling tools write. Nothing here imports torch, Ray, Hydra or MLflow.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detexp.data.files import DataRoot, as_root
 from detexp.errors import DatasetError
 
 __all__ = ["DatasetError"]  # re-exported: raised by the readers of this layout
@@ -24,6 +25,34 @@ __all__ = ["DatasetError"]  # re-exported: raised by the readers of this layout
 ANNOTATIONS_DIR = "Annotations"
 IMAGES_DIR = "JPEGImages"
 SPLITS_DIR = "ImageSets/Main"
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a split and where its boxes are, as a layout lists it; paths are
+    relative to the dataset root, ``/``-separated (:mod:`detexp.data.files`).
+
+    ``objects`` is None for a VOC entry (its boxes are in the XML ``annotation``); a COCO
+    entry carries its objects as read from the JSON ``annotation``: one
+    ``(reference, class name or None for an unknown category, x, y, w, h, iscrowd)`` tuple
+    each, ``size`` the (width, height) the JSON gives. ``error`` is a problem found while
+    listing (an id that leaves the root, say): the image is unusable."""
+
+    image_id: str
+    image: str
+    annotation: str
+    objects: tuple[tuple, ...] | None = None
+    size: tuple[int, int] | None = None
+    error: str | None = None
+
+    @classmethod
+    def devkit(cls, image_id: str) -> ImageEntry:
+        """The devkit's paths of ``image_id``: ``JPEGImages/<id>.jpg`` and ``Annotations/<id>.xml``."""
+        try:
+            _inside_root(Path("."), IMAGES_DIR, image_id, ".jpg")
+        except DatasetError as exc:
+            return cls(str(image_id), str(image_id), str(image_id), error=str(exc))
+        return cls(image_id, image_relpath(image_id), annotation_relpath(image_id))
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -46,10 +75,10 @@ class VOCRecord:
     image_id: str
     width: int
     height: int
+    image: str  # the image file, relative to the dataset root
     boxes: np.ndarray  # float32 [N, 4] xmin, ymin, xmax, ymax, clipped to the image
     labels: np.ndarray  # int64 [N]
     difficult: np.ndarray  # bool [N]
-
 
 
 # --------------------------------------------------------------------------- paths and splits
@@ -78,19 +107,6 @@ def _inside_root(root: Path, subdir: str, image_id: str, suffix: str, what: str 
     return Path(path)
 
 
-def annotation_path(root: Path, image_id: str) -> Path:
-    """``root/Annotations/<image_id>.xml``; DatasetError if the id escapes the folder."""
-    return _inside_root(root, ANNOTATIONS_DIR, image_id, ".xml")
-
-
-def image_path(root: Path, image_id: str) -> Path:
-    """``root/JPEGImages/<image_id>.jpg``; DatasetError if the id escapes the folder.
-
-    The XML ``<filename>`` is deliberately ignored (see the module docstring).
-    """
-    return _inside_root(root, IMAGES_DIR, image_id, ".jpg")
-
-
 def annotation_relpath(image_id: str) -> str:
     return f"{ANNOTATIONS_DIR}/{image_id}.xml"
 
@@ -99,7 +115,7 @@ def image_relpath(image_id: str) -> str:
     return f"{IMAGES_DIR}/{image_id}.jpg"
 
 
-def read_split_ids(root: Path, split: str) -> list[str]:
+def read_split_ids(root: DataRoot | Path | str, split: str) -> list[str]:
     """Ids listed in ``ImageSets/Main/<split>.txt``, in file order, duplicates dropped.
 
     Accepts both the plain format (one id a line) and VOC's per-class files
@@ -107,40 +123,32 @@ def read_split_ids(root: Path, split: str) -> list[str]:
     Raises DatasetError naming the file when it is missing (listing the splits
     that do exist) or lists no ids.
     """
-    root = Path(root)
+    root = as_root(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
-    split_file = _inside_root(root, SPLITS_DIR, split, ".txt", what="split name")
-    if not split_file.is_file():
-        raise DatasetError(
-            f"split file {SPLITS_DIR}/{split}.txt not found in {root}; {_describe_splits(root)}"
-        )
+    _inside_root(Path("."), SPLITS_DIR, split, ".txt", what="split name")
+    rel = f"{SPLITS_DIR}/{split}.txt"
+    try:
+        data = root.read_bytes(rel)
+    except (FileNotFoundError, IsADirectoryError):
+        raise DatasetError(f"split file {rel} not found in {root}; {_describe_splits(root)}") from None
     # utf-8-sig: files saved by Windows editors start with a BOM that would
     # otherwise become part of the first id.
-    text = split_file.read_text(encoding="utf-8-sig")
+    text = data.decode("utf-8-sig")
     ids = list(dict.fromkeys(line.split()[0] for line in text.splitlines() if line.strip()))
     if not ids:
-        raise DatasetError(f"split file {SPLITS_DIR}/{split}.txt in {root} lists no image ids")
+        raise DatasetError(f"split file {rel} in {root} lists no image ids")
     return ids
 
 
-def _describe_splits(root: Path) -> str:
-    splits_dir = root / SPLITS_DIR
-    if not splits_dir.is_dir():
+def _describe_splits(root: DataRoot) -> str:
+    if not root.is_dir(SPLITS_DIR):
         return f"there is no {SPLITS_DIR} folder"
-    names = sorted(p.stem for p in splits_dir.glob("*.txt"))
+    names = sorted(name[:-4] for name in root.listdir(SPLITS_DIR)[0] if name.endswith(".txt"))
     if not names:
         return f"{SPLITS_DIR} holds no .txt files"
     shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
     return f"splits that exist: {shown}"
-
-
-def list_annotation_ids(root: Path) -> list[str]:
-    """Sorted stems of ``Annotations/*.xml``; DatasetError if the folder is missing."""
-    folder = Path(root) / ANNOTATIONS_DIR
-    if not folder.is_dir():
-        raise DatasetError(f"annotation folder {folder} does not exist")
-    return sorted(p.stem for p in folder.glob("*.xml"))
 
 
 def seeded_split(ids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -17,6 +17,7 @@ import ray
 import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from detexp.data.files import DataRoot, first_line
 from detexp.errors import ResourceError
 
 # CPUs a run keeps free of train workers, out of those Ray counts, so that the Ray Data
@@ -224,7 +225,11 @@ def _probe(storage: str, token: str, dataset_root: str) -> str | None:
             f.write(b"ok")
     except Exception as exc:  # noqa: BLE001 - reported with the node's name
         return f"cannot use scaling.storage_path={storage} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-    if not os.path.isdir(dataset_root) or not os.access(dataset_root, os.R_OK):
+    try:
+        readable = DataRoot(dataset_root).is_dir()
+    except Exception as exc:  # noqa: BLE001 - no credentials there, an unknown scheme, ...
+        return f"cannot read dataset.root={dataset_root} ({type(exc).__name__}: {first_line(exc)})"
+    if not readable or not (DataRoot(dataset_root).remote or os.access(dataset_root, os.R_OK)):
         return f"cannot read dataset.root={dataset_root}"
     return None
 
