@@ -163,6 +163,34 @@ def test_cvat_labelmap_gives_the_class_order(source, tmp_path):
     assert any("the export's class list" in n for n in found.notes)
 
 
+def test_cvat_devkit_with_its_one_split_file_is_split_by_the_seed(source, tmp_path):
+    """CVAT writes ImageSets/Main/default.txt only; a devkit may lack val.txt."""
+    out = tmp_path / "cvat"
+    shutil.copytree(source, out)
+    splits = out / "ImageSets" / "Main"
+    for name in splits.iterdir():
+        name.unlink()
+    (splits / "default.txt").write_text((source / "ImageSets/Main/trainval.txt").read_text())
+    found = resolve(dataset_cfg(f"dataset.root={out}"))
+    assert "split by dataset.val_fraction" in found.description and found.val
+    assert any("has no train.txt (it has default.txt)" in n for n in found.notes)
+    named = resolve(dataset_cfg(f"dataset.root={out}", "dataset.train_split=default"))
+    assert named.description == (
+        "JPEGImages/ + Annotations/, split by ImageSets/Main/default.txt (no val.txt: val cut from it by "
+        "dataset.val_fraction=0.2)")
+    assert sorted(named.train_ids + named.val_ids) == sorted((splits / "default.txt").read_text().split())
+    same = resolve(dataset_cfg(f"dataset.root={out}", "dataset.train_split=default", "dataset.val_split=default"))
+    assert any("validation scores the training images" in n for n in same.notes)
+
+
+def test_a_folder_of_xmls_without_images_is_not_taken_for_an_export(source, tmp_path):
+    out = exports.separate(source, tmp_path / "export", "images", "label")
+    found = resolve(dataset_cfg(f"dataset.root={out}"))  # label/ is found as the XMLs' folder
+    assert found.description.startswith("images/ + label/")
+    with pytest.raises(DatasetError, match="no VOC-XML layout found"):
+        resolve(dataset_cfg(f"dataset.root={out / 'label'}"))
+
+
 # --------------------------------------------------------------------------- COCO odd cases
 
 
@@ -217,6 +245,26 @@ def test_coco_with_explicit_files_and_a_seeded_split(source, tmp_path):
     assert len(seeded.train) + len(seeded.val) == len(found.train) and seeded.val
     with pytest.raises(DatasetError, match="dataset.train_annotations=annotations/none.json: no such file"):
         resolve(dataset_cfg(f"dataset.root={out}", "dataset.train_annotations=annotations/none.json", fmt="coco"))
+
+
+def test_coco_boxes_in_fractional_pixels_are_not_a_warning(source, tmp_path):
+    out = exports.roboflow_coco(source, tmp_path / "coco")
+
+    def edit(doc):
+        for ann in doc["annotations"]:
+            ann["bbox"] = [v + 0.25 for v in ann["bbox"][:2]] + ann["bbox"][2:]
+    _edit_json(out / "train" / "_annotations.coco.json", edit)
+    found = resolve(dataset_cfg(f"dataset.root={out}", fmt="coco"))
+    _, problems = check_dataset(found.root, found.train, found.classes)
+    assert not [p for p in problems if "non-integer" in p.problem]
+
+
+def test_a_coco_root_one_folder_off_is_named(source, tmp_path):
+    out = exports.roboflow_coco(source, tmp_path / "download" / "project.coco")
+    with pytest.raises(DatasetError, match=r"did you mean dataset.root=.*download/project.coco\?"):
+        resolve(dataset_cfg(f"dataset.root={out.parent}", fmt="coco"))
+    with pytest.raises(DatasetError, match=r"one split folder of a Roboflow export: set dataset.root=.*project.coco \(the"):
+        resolve(dataset_cfg(f"dataset.root={out / 'train'}", fmt="coco"))
 
 
 def test_a_root_without_coco_json_says_what_it_holds(source, tmp_path):

@@ -150,6 +150,26 @@ def _images_of(root: DataRoot, dirs: list[str], split: str) -> str | None:
     return join(images, sub) if sub else images
 
 
+def _holds_coco(root: DataRoot, rel: str) -> bool:
+    """Does the folder ``rel`` look like a COCO export's root (Roboflow's split folders, or
+    an annotations/ folder of JSON files)?"""
+    files, dirs = root.listdir(rel)
+    annotations = pick(dirs, ("annotations", "Annotations"))
+    if annotations and any(n.lower().endswith(".json") for n in root.listdir(join(rel, annotations))[0]):
+        return True
+    return any(root.is_file(join(rel, d, ROBOFLOW_FILE)) for d in dirs[:20])
+
+
+def _hint(root: DataRoot, files: list[str], dirs: list[str]) -> str:
+    """Where the export more likely is: the folder above a split folder, or the one
+    subfolder that holds an export."""
+    if ROBOFLOW_FILE in files:
+        above = f"dataset.root={root.local_path().parent} (the export's root) or " if not root.remote else ""
+        return f" (this is one split folder of a Roboflow export: set {above}dataset.train_annotations={ROBOFLOW_FILE})"
+    nested = [d for d in dirs[:20] if _holds_coco(root, d)]
+    return f" (did you mean dataset.root={root.display(nested[0])}?)" if len(nested) == 1 else ""
+
+
 def find_coco_layout(root: DataRoot, cfg: Any, *, read_train: bool = True) -> Layout:
     """The train and val entries of the COCO export in ``root``; ``read_train=False`` (eval)
     leaves the train JSON unread."""
@@ -161,7 +181,7 @@ def find_coco_layout(root: DataRoot, cfg: Any, *, read_train: bool = True) -> La
     read_train = read_train or val_files is None  # a seeded val split is cut from the train JSON
     if train_files is None and read_train:
         raise DatasetError(
-            f"dataset.root={root}: no COCO JSON found for dataset.train_split={cfg.train_split!r}. "
+            f"dataset.root={root}: no COCO JSON found for dataset.train_split={cfg.train_split!r}{_hint(root, files, dirs)}. "
             f"It holds {describe_root(root, files, dirs)}. detexp reads Roboflow's <split>/{ROBOFLOW_FILE}, "
             "annotations/instances_<split>.json with the images in <split>/, or the files "
             "dataset.train_annotations / dataset.val_annotations (relative to the root) with dataset.images_dir"

@@ -35,7 +35,7 @@ from detexp.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 IMAGE_DIR_NAMES = ("JPEGImages", "images", "data", "imgs", "img")
-ANNOTATION_DIR_NAMES = ("Annotations", "annotations", "labels", "xml", "xmls")
+ANNOTATION_DIR_NAMES = ("Annotations", "annotations", "labels", "label", "xml", "xmls")
 # dataset.val_split names a folder; Roboflow calls its validation split "valid"
 SPLIT_ALIASES = {"val": ("valid", "validation"), "valid": ("val", "validation"), "validation": ("val", "valid")}
 LABELMAP_FILE = "labelmap.txt"  # CVAT's Pascal VOC export: one "name:color:parts:actions" line a class
@@ -188,7 +188,7 @@ def _explicit_folder(root: DataRoot, cfg: Any, dirs: list[str]) -> _Folder | Non
 def _folder_of(root: DataRoot, rel: str) -> _Folder | None:
     """How the folder ``rel`` holds images and XMLs: side by side, or in two subfolders."""
     files, dirs = root.listdir(rel)
-    if any(f.lower().endswith(".xml") for f in files):
+    if any(f.lower().endswith(".xml") for f in files) and any(is_image(f) for f in files):
         return _Folder(rel, rel)
     images, annotations = pick(dirs, IMAGE_DIR_NAMES), pick(dirs, ANNOTATION_DIR_NAMES)
     if images and annotations:
@@ -219,11 +219,9 @@ def _one_folder(root: DataRoot, folder: _Folder, cfg: Any) -> Layout:
     """The root's images and XMLs in one place: split by ImageSets/Main, by split subfolders
     of both folders, or by the seed."""
     what = folder.label()
-    if root.is_dir(SPLITS_DIR) and cfg.train_split:
-        train = devkit_entries(root, read_split_ids(root, cfg.train_split), folder)
-        val = devkit_entries(root, read_split_ids(root, cfg.val_split), folder) if cfg.val_split else []
-        names = f"{cfg.train_split}.txt" + (f", {cfg.val_split}.txt" if cfg.val_split else "")
-        return Layout(f"{what}, split by {SPLITS_DIR}/{names}", train, val)
+    split_files = [n[:-4] for n in root.listdir(SPLITS_DIR)[0] if n.endswith(".txt")]
+    if cfg.train_split and cfg.train_split in split_files:
+        return _devkit_splits(root, folder, split_files, cfg)
     image_dirs, annotation_dirs = root.listdir(folder.images_dir)[1], root.listdir(folder.annotations_dir)[1]
     train_name = split_folder(image_dirs, cfg.train_split)
     if folder.images_dir != folder.annotations_dir and train_name and split_folder(annotation_dirs, cfg.train_split):
@@ -231,8 +229,33 @@ def _one_folder(root: DataRoot, folder: _Folder, cfg: Any) -> Layout:
     entries, unlabelled = pair_folder(root, folder)
     train, val = _seeded(entries, cfg)
     layout = Layout(f"{what}, split by dataset.val_fraction={cfg.val_fraction} (seed {cfg.split_seed})", train, val)
+    if split_files:  # CVAT writes ImageSets/Main/default.txt only
+        shown = ", ".join(f"{n}.txt" for n in sorted(split_files)[:8])
+        layout.notes.append(
+            f"{SPLITS_DIR}/ has no {cfg.train_split}.txt (it has {shown}): every annotated image is split by the seed; "
+            f"set dataset.train_split / dataset.val_split to use its files"
+        )
     _note_unlabelled(layout, unlabelled, f"{folder.images_dir}/" if folder.images_dir else "the root folder")
     return layout
+
+
+def _devkit_splits(root: DataRoot, folder: _Folder, split_files: list[str], cfg: Any) -> Layout:
+    """The VOCdevkit's ``ImageSets/Main/<split>.txt``; without a val file, val is cut from
+    the train file's ids by the seed."""
+    what = f"{folder.label()}, split by {SPLITS_DIR}/{cfg.train_split}.txt"
+    train = devkit_entries(root, read_split_ids(root, cfg.train_split), folder)
+    notes = []
+    if cfg.val_split and cfg.val_split in split_files:
+        val = devkit_entries(root, read_split_ids(root, cfg.val_split), folder)
+        what += f", {cfg.val_split}.txt"
+        if cfg.val_split == cfg.train_split:
+            notes.append(f"dataset.train_split and dataset.val_split are both {cfg.train_split!r}: validation scores the training images")
+    elif cfg.val_split:
+        train, val = _seeded(train, cfg)
+        what += f" (no {cfg.val_split}.txt: val cut from it by dataset.val_fraction={cfg.val_fraction})"
+    else:
+        val = []
+    return Layout(what, train, val, notes=notes)
 
 
 def _split_subfolders(root: DataRoot, folder: _Folder, image_dirs: list[str], annotation_dirs: list[str], cfg: Any) -> Layout:

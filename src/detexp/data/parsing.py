@@ -286,7 +286,9 @@ def parse_record(
         if mismatch:
             report(ann_rel, mismatch, "warning")
 
-    boxes, labels, difficult = _parse_objects(ann.get("object") or [], index, image, report, ann_rel)
+    boxes, labels, difficult = _parse_objects(
+        ann.get("object") or [], index, image, report, ann_rel, integer_pixels=entry.objects is None,
+    )
     if any(p.severity == "error" for p in problems):
         return None, problems
 
@@ -321,9 +323,10 @@ def _coco_annotation(entry: ImageEntry) -> dict:
     return {"object": objects, "size": size}
 
 
-def _parse_objects(objects: list, index, image: _ImageInfo, report, ann_rel: str):
+def _parse_objects(objects: list, index, image: _ImageInfo, report, ann_rel: str, integer_pixels: bool = True):
     """The usable objects' boxes, labels and difficult flags; each problem goes to
-    ``report``, and so do the annotation-wide warnings (no objects, fractional boxes)."""
+    ``report``, and so do the annotation-wide warnings (no objects; fractional boxes where
+    ``integer_pixels``, as VOC XML has them: COCO's boxes are fractional by definition)."""
     boxes: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
@@ -339,7 +342,7 @@ def _parse_objects(objects: list, index, image: _ImageInfo, report, ann_rel: str
         difficult.append(is_difficult)
     if not objects:
         report(ann_rel, "no objects (used as a negative image)", "warning")
-    if n_fractional:
+    if n_fractional and integer_pixels:
         report(
             ann_rel,
             f"non-integer box coordinates in {n_fractional} of {len(objects)} objects "
