@@ -385,20 +385,25 @@ def measure_parse(b: Bench) -> tuple[Values, Details]:
 
 
 _COCO_PARSE = """
-import json, resource, sys, time
+import json, sys, time
 from detexp.config import register_configs
 from hydra import compose, initialize_config_dir
 import detexp, pathlib
 from detexp.data.source import resolve
+
+def hwm_mib():  # this process's peak RSS (VmHWM: ru_maxrss would carry the parent's over fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 register_configs()
 with initialize_config_dir(config_dir=str(pathlib.Path(detexp.__file__).parent / "conf"), version_base="1.3"):
     cfg = compose(config_name="train", overrides=["dataset=coco", "dataset.root=" + sys.argv[1]]).dataset
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm_mib()
 started = time.perf_counter()
 found = resolve(cfg)
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"s": seconds, "rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
+print(json.dumps({"s": seconds, "rss_before_mib": before, "peak_rss_mib": hwm_mib(),
                   "train": len(found.train), "val": len(found.val), "classes": len(found.classes),
                   "objects": sum(len(e.objects) for e in found.train)}))
 """
