@@ -59,3 +59,14 @@ def test_data_check_reads_every_image_from_s3(s3, source, tmp_path, capsys):
 def test_a_bucket_prefix_that_holds_nothing_is_one_line(s3):
     with pytest.raises(DatasetError, match="does not exist or is not a folder"):
         resolve(compose_train(["dataset=voc", f"dataset.root='{s3.uri('nothing/here')}'"]).dataset)
+
+
+def test_tune_keeps_a_uri_root_as_it_is_and_makes_a_folder_absolute(tmp_path, monkeypatch):
+    """Trials run in other processes: a relative folder is made absolute, a URI is left alone."""
+    from detexp.commands.tune import absolute_paths
+
+    uri = "s3://bucket/exports/helmets?endpoint_override=127.0.0.1:9000&scheme=http"
+    cfg = absolute_paths(compose_train(["dataset=coco", f"dataset.root='{uri}'"]))
+    assert cfg.dataset.root == uri
+    monkeypatch.chdir(tmp_path)
+    assert absolute_paths(compose_train(["dataset=coco", "dataset.root=export"])).dataset.root == str(tmp_path / "export")
