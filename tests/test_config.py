@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -142,3 +143,13 @@ def test_voc_tutorial_scales_its_lr_to_the_global_batch():
     assert scaled_lr(cfg.optimizer, cfg.scaling.num_workers, cfg.dataset.batch_size) == pytest.approx(0.005)
     full = compose_train(["+experiment=voc_tutorial"])
     assert scaled_lr(full.optimizer, full.scaling.num_workers, full.dataset.batch_size) == pytest.approx(0.02)
+
+
+def test_lr_steps_that_can_never_apply_are_named_before_ray(caplog):
+    """The README's former sweep put the tutorial's 26-epoch milestones on the 4-epoch default."""
+    with caplog.at_level(logging.WARNING, logger="detexp"):
+        check_train_config(compose_train(["schedule.lr_steps=[3]"]))  # the default recipe's own
+        assert not caplog.records
+        check_train_config(compose_train(["schedule.lr_steps=[2,16,22]"]))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("schedule.lr_steps=[2, 16, 22]: step(s) 16, 22 at or past schedule.epochs=4 never apply")

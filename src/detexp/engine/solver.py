@@ -10,12 +10,15 @@ to; :func:`scaled_lr` gives the lr for the run's ``num_workers * batch_size``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from detexp.errors import ConfigError
+
+log = logging.getLogger("detexp")
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine")
@@ -34,6 +37,13 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
         raise ConfigError(f"schedule.lr_steps={list(schedule.lr_steps)} must be increasing")
     if not 0 < schedule.warmup_factor <= 1:
         raise ConfigError(f"schedule.warmup_factor={schedule.warmup_factor} must be in (0, 1]")
+    late = [s for s in schedule.lr_steps if s >= schedule.epochs]
+    if schedule.name == "multistep" and late:
+        log.warning(
+            "schedule.lr_steps=%s: step(s) %s at or past schedule.epochs=%d never apply (a step s lowers the lr "
+            "from epoch s+1 on)", list(schedule.lr_steps),
+            ", ".join(map(str, late)), schedule.epochs,
+        )
 
 
 def scaled_lr(cfg: Any, num_workers: int, batch_size: int) -> float:
