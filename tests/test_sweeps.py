@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_train
 from detexp.commands.train import train
-from detexp.commands.tune import max_concurrent_trials, tune, write_best_config
+from detexp.commands.tune import check_tune_config, max_concurrent_trials, tune, write_best_config
 from detexp.config import TrainConfig
 from detexp.errors import ConfigError, ResourceError
 
@@ -67,6 +67,20 @@ def test_a_bad_search_is_refused_before_ray_naming_the_key(tmp_path, shapes_cach
     assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_the_default_search_is_around_the_recipe_train_runs():
+    """tune without a search space searches the recipe `train` runs, not another one."""
+    base, space = check_tune_config(compose_train([], config_name="tune"))
+    train = compose_train([])
+    assert base.optimizer == train.optimizer and base.model == train.model and base.schedule == train.schedule
+    assert space == {
+        "optimizer.lr": {"loguniform": [train.optimizer.lr / 4, train.optimizer.lr * 4]},
+        "schedule.lr_steps": {"choice": [[3], [2, 3]]},  # inside the default's 4 epochs
+    }
+    smoke_base, smoke = check_tune_config(compose_train(["+experiment=smoke"], config_name="tune"))
+    assert smoke == {"optimizer.lr": {"loguniform": [0.005, 0.08]}}  # SGD at 0.02; 2 epochs: no step to move
+    assert smoke_base.optimizer.name == "sgd"
+
+
 def test_trials_that_cannot_be_placed_fail_saying_what_one_needs():
     scaling = OmegaConf.create({"num_workers": 2, "cpus_per_worker": 2, "use_gpu": True})
     assert max_concurrent_trials(scaling, {"CPU": 17, "GPU": 4}, 1) == 2  # GPUs: 2 per trial
@@ -114,12 +128,13 @@ def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shape
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert len(children) == 2 == result["trials"]
-    assert re.fullmatch(r"tune lr,lr_steps \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    # the default space around the smoke recipe: its 1 epoch leaves no lr step to search
+    assert re.fullmatch(r"tune lr \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     best = max(c.data.metrics["best/val_map_50"] for c in children)
     assert parent.data.metrics["val/map_50"] == parent.data.metrics["best/val_map_50"] == pytest.approx(best)
     for child in children:
         assert child.info.status == "FINISHED"
-        assert re.fullmatch(r"lr=[\d.e-]+ lr_steps=\[\d+,\d+\]", child.info.run_name), child.info.run_name
+        assert re.fullmatch(r"lr=[\d.e-]+", child.info.run_name), child.info.run_name
         assert "val/map_50" in child.data.metrics
         assert child.data.params["optimizer.lr"] == re.search(r"optimizer.lr=(\S+)", child.data.tags["detexp.trial_overrides"])[1]
     assert parent.data.tags["detexp.best_trial"] == result["best_trial"]

@@ -286,7 +286,8 @@ class TuneSettings:
     """`detexp tune`: a Ray Tune search over train keys (see detexp.commands.tune)."""
 
     # {dotted train key: {loguniform|uniform: [low, high]} or {choice|grid: [values...]}}.
-    # null = {optimizer.lr: {loguniform: [1e-3, 1e-1]}, schedule.lr_steps: {choice: [[16, 22], [8, 11]]}}
+    # null = around the recipe: optimizer.lr from lr/4 to lr*4, schedule.lr_steps among the
+    # recipe's, [epochs-1], [epochs//2, epochs-1] (detexp.commands.search_space)
     search_space: Any = None
     num_samples: int = 4  # trials (with grid: repeats of every combination)
     search: Search = Search.random

@@ -18,17 +18,34 @@ from detexp.config import TrainConfig
 from detexp.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
-DEFAULT_SEARCH_SPACE = {
-    "optimizer.lr": {"loguniform": [1e-3, 1e-1]},
-    "schedule.lr_steps": {"choice": [[16, 22], [8, 11]]},
-}
+LR_SPAN = 4.0  # the default space: the recipe's lr / 4 to lr x 4, log-uniform
 
 
-def search_space(tune_cfg: Any) -> dict[str, dict[str, list]]:
-    """``tune.search_space`` as a plain dict, or the default when it is null."""
+def default_search_space(train_cfg: Any) -> dict[str, dict[str, list]]:
+    """The search ``tune`` runs when ``tune.search_space`` is null, around the recipe it
+    trains: ``optimizer.lr`` log-uniform from a quarter to four times the recipe's, and for
+    a multistep schedule of 3 epochs or more ``schedule.lr_steps`` among the recipe's own
+    steps, one drop before the last epoch, and two (at half-way and before the last), all
+    inside ``schedule.epochs``. A dimension with one value would not change a trial: left out."""
+    lr = float(train_cfg.optimizer.lr)
+    space: dict[str, dict[str, list]] = {
+        "optimizer.lr": {"loguniform": [float(f"{lr / LR_SPAN:.2g}"), float(f"{lr * LR_SPAN:.2g}")]},
+    }
+    schedule = train_cfg.schedule
+    epochs = int(schedule.epochs)
+    if schedule.name == "multistep" and epochs >= 3:
+        options = [[s for s in schedule.lr_steps if s < epochs], [epochs - 1], [epochs // 2, epochs - 1]]
+        steps = list({tuple(o): o for o in options if o}.values())
+        if len(steps) > 1:
+            space["schedule.lr_steps"] = {"choice": steps}
+    return space
+
+
+def search_space(tune_cfg: Any, train_cfg: Any) -> dict[str, dict[str, list]]:
+    """``tune.search_space`` as a plain dict, or :func:`default_search_space` when it is null."""
     space = tune_cfg.search_space
     if space is None:
-        return json.loads(json.dumps(DEFAULT_SEARCH_SPACE))
+        return default_search_space(train_cfg)
     return OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else dict(space)
 
 

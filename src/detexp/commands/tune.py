@@ -146,7 +146,7 @@ def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
             raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna") from None
     base = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in cfg.items() if k != "tune"})
     check_train_config(base)
-    space = search_space(t)
+    space = search_space(t, base)
     check_search_space(space, base, t.search)
     return absolute_paths(base), space
 

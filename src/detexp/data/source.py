@@ -41,7 +41,8 @@ class DataSource:
 
     def summary(self) -> str:
         """The lines a command prints before it reads the data."""
-        lines = [f"dataset {self.root}: {self.description}: {len(self.train)} train, {len(self.val)} val images"]
+        counts = f"{len(self.train)} train, {len(self.val)} val images" if self.train else f"{len(self.val)} val images"
+        lines = [f"dataset {self.root}: {self.description}: {counts}"]
         return "\n".join(lines + self.notes)
 
 
