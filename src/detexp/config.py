@@ -100,7 +100,7 @@ class DatasetConfig:
     name: str = "shapes"
     format: DataFormat = DataFormat.voc  # voc: Pascal VOC XML files | coco: COCO JSON
     # The export's folder, or a URI pyarrow opens (s3://bucket/prefix, gs://...). Its layout
-    # is found by looking (docs/data.md). null for `shapes`, generated under `cache_dir`.
+    # is found by looking (docs/datasets.md). null for `shapes`, generated under `cache_dir`.
     root: str | None = None
     # Class names; empty = read from the train split (the export's class list, else the
     # names its annotations use, sorted).

@@ -116,8 +116,9 @@ def _entry(image: Any, objects: list[tuple], rel: str, images_dir: str) -> Image
 # --------------------------------------------------------------------------- finding the files
 
 
-def _split_files(root: DataRoot, cfg: Any, key: str) -> tuple[str, str] | None:
-    """(JSON, images folder) of ``dataset.<key>_split`` (key: "train" or "val"), or None."""
+def _split_files(root: DataRoot, dirs: list[str], cfg: Any, key: str) -> tuple[str, str] | None:
+    """(JSON, images folder) of ``dataset.<key>_split`` (key: "train" or "val"), or None;
+    ``dirs``: the root's folders."""
     explicit = cfg.get(f"{key}_annotations")
     if explicit:
         if not root.is_file(explicit):
@@ -126,7 +127,6 @@ def _split_files(root: DataRoot, cfg: Any, key: str) -> tuple[str, str] | None:
     split = cfg.get(f"{key}_split")
     if not split:
         return None
-    files, dirs = root.listdir()
     folder = split_folder(dirs, split)
     if folder and root.is_file(join(folder, ROBOFLOW_FILE)):
         return join(folder, ROBOFLOW_FILE), cfg.get("images_dir") or folder
@@ -176,8 +176,8 @@ def find_coco_layout(root: DataRoot, cfg: Any, *, read_train: bool = True) -> La
     files, dirs = root.listdir()
     if not files and not dirs and not root.is_dir():
         raise DatasetError(f"dataset.root={root} does not exist or is not a folder")
-    train_files = _split_files(root, cfg, "train")
-    val_files = _split_files(root, cfg, "val")
+    train_files = _split_files(root, dirs, cfg, "train")
+    val_files = _split_files(root, dirs, cfg, "val")
     read_train = read_train or val_files is None  # a seeded val split is cut from the train JSON
     if train_files is None and read_train:
         raise DatasetError(

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import xmltodict
-
 from detexp.data.files import DataRoot, join
+from detexp.data.parsing import load_annotation
 from detexp.data.voc import SPLITS_DIR, ImageEntry, read_split_ids, seeded_split
 from detexp.errors import DatasetError
 
@@ -114,11 +113,8 @@ def _image_index(root: DataRoot, images_dir: str) -> tuple[dict[str, str], dict[
 def _named_in_xml(root: DataRoot, annotation: str) -> str | None:
     """The base name the XML's ``<filename>`` gives (tools write a bare name, a Windows path
     or a path of the labelling machine: only its last part can name a file here)."""
-    try:
-        doc = xmltodict.parse(root.read_bytes(annotation))
-        name = (doc.get("annotation") or {}).get("filename")
-    except Exception:  # noqa: BLE001 - the parse reports an unreadable XML with its reason
-        return None
+    ann, _ = load_annotation(root, annotation)  # an unreadable XML: the parse reports it
+    name = (ann or {}).get("filename")
     if not isinstance(name, str) or not name.strip():
         return None
     return posixpath.basename(name.strip().replace("\\", "/"))

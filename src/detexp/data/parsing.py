@@ -144,7 +144,7 @@ def _describe_image_error(exc: Exception) -> str:
     return text
 
 
-def _load_annotation(root: DataRoot, rel: str) -> tuple[dict | None, str | None]:
+def load_annotation(root: DataRoot, rel: str) -> tuple[dict | None, str | None]:
     """(the <annotation> dict, None) or (None, what is wrong)."""
     try:
         data = root.read_bytes(rel)
@@ -276,7 +276,7 @@ def parse_record(
     if entry.objects is not None:
         ann, ann_error = _coco_annotation(entry), None
     else:
-        ann, ann_error = _load_annotation(root, ann_rel)
+        ann, ann_error = load_annotation(root, ann_rel)
     if ann is None:
         report(ann_rel, ann_error or "annotation cannot be read")
         return None, problems
@@ -446,7 +446,7 @@ def object_names(root: DataRoot, entry: ImageEntry) -> set[str]:
         return set()
     if entry.objects is not None:
         return {name for _, name, *_ in entry.objects if name}
-    ann, _ = _load_annotation(root, entry.annotation)
+    ann, _ = load_annotation(root, entry.annotation)
     objects = (ann or {}).get("object") or []
     return {name for obj in objects if isinstance(obj, dict) and (name := _text(obj.get("name")))}
 

@@ -86,10 +86,10 @@ def resolve(cfg: Any, *, read_train: bool = True) -> DataSource:
 
 
 def _classes_from_data(root: DataRoot, layout: Layout, notes: list[str]) -> list[str]:
-    train_names = object_name_images(root, layout.train)
     if layout.class_names:
         classes, source = list(layout.class_names), "the export's class list"
     else:
+        train_names = object_name_images(root, layout.train)
         classes, source = sorted(train_names, key=lambda n: (n.casefold(), n)), "the train split"
     if not classes:
         raise DatasetError(

@@ -225,11 +225,12 @@ def _probe(storage: str, token: str, dataset_root: str) -> str | None:
             f.write(b"ok")
     except Exception as exc:  # noqa: BLE001 - reported with the node's name
         return f"cannot use scaling.storage_path={storage} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    root = DataRoot(dataset_root)
     try:
-        readable = DataRoot(dataset_root).is_dir()
+        readable = root.is_dir()
     except Exception as exc:  # noqa: BLE001 - no credentials there, an unknown scheme, ...
         return f"cannot read dataset.root={dataset_root} ({type(exc).__name__}: {first_line(exc)})"
-    if not readable or not (DataRoot(dataset_root).remote or os.access(dataset_root, os.R_OK)):
+    if not readable or not (root.remote or os.access(dataset_root, os.R_OK)):
         return f"cannot read dataset.root={dataset_root}"
     return None
 
