@@ -112,7 +112,7 @@ def test_what_rays_control_actors_and_decode_tasks_run_does_not_import_torch(ray
     datasets, _, _ = _load_datasets(cfg, resolve(cfg.dataset))
     pickled = tmp_path / "controller.pkl"
     pickled.write_bytes(ray.cloudpickle.dumps(
-        (datasets, ForwardReports(None), ValidationNotDropped(datasets_to_split=["train"]))
+        (datasets, ForwardReports(None), ValidationNotDropped())
     ))
     code = (
         "import pickle, sys, ray; ray.init(address='auto', logging_level='ERROR');"

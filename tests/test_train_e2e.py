@@ -73,3 +73,19 @@ def test_smoke_run_logs_everything_and_stops_early(ray_cluster, smoke_cfg, tmp_p
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["scaling"]["num_workers"] == workers
     assert ckpt["config"]["optimizer"]["lr"] == pytest.approx(lr)  # what it trained with
+
+
+def test_a_second_run_with_the_same_seed_trains_the_same_losses(trained_smoke, tmp_path):
+    """The shared smoke run, trained again in another run directory and store: the shuffle,
+    every image's flip and the initial weights come from ``seed``, so each epoch's losses
+    repeat to the last digit; and the flips change from one epoch to the next."""
+    from conftest import compose_train
+
+    overrides = [o for o in trained_smoke.overrides if not o.startswith(("tracking.", "progress_every_s"))]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    again = train(compose_train([*overrides, f"tracking.uri={uri}", "eval_at_end=false"]), tmp_path / "again")
+    first, second = MlflowClient(tracking_uri=trained_smoke.uri), MlflowClient(tracking_uri=uri)
+    for key in ("train/loss", "train/loss_classifier", "train/loss_objectness"):
+        expected = _history(first, trained_smoke.result["run_id"], key)
+        assert len(expected) == 2 and expected[0] != expected[1]
+        assert _history(second, again["run_id"], key) == expected, key

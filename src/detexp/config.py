@@ -270,6 +270,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # Initial weights, the train rows' order and each image's flip, every epoch: one seed,
+    # the same losses (docs/configuration.md).
     seed: int = 0
     resume: bool = False
     checkpoints_to_keep: int = 2

@@ -395,7 +395,7 @@ def _load_datasets(cfg: DictConfig, source: DataSource):
     # A local buffer after decoding would mix only neighbours: a folder of sorted ids would
     # give nearly the same batches every epoch.
     shuffled = train_ann.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
-    datasets = {"train": decode_images(shuffled, source.root, cfg.dataset.hflip_prob)}
+    datasets = {"train": decode_images(shuffled, source.root, cfg.dataset.hflip_prob, cfg.seed)}
     if source.val_ids:
         datasets["val"] = decode_images(val_ann, source.root, 0.0)
     return datasets, counts, problems

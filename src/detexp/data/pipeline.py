@@ -22,12 +22,16 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 from PIL import Image
-from ray.data.expressions import col
+from ray.data.expressions import col, random
 
 from detexp.data.files import DataRoot, as_root
 
 if TYPE_CHECKING:
     import torch
+
+# A float in [0, 1) per train row and epoch, from Ray Data's seeded random(): the seed of
+# the row's augmentation, so that a run repeats its flips (and the next epoch draws new ones).
+AUG_SEED = "aug_seed"
 
 
 def decode_batch(batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0) -> pa.Table:
@@ -40,17 +44,23 @@ def decode_batch(batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0)
     Only PIL and numpy: the flip is torchvision v2's ``RandomHorizontalFlip`` rule for XYXY
     boxes (x -> width - x, tests/test_pipeline.py checks it against v2), written in numpy
     because importing torchvision costs each decode process about 6 CPU seconds (it imports
-    ``torch._dynamo``), on the way to a run's first batch."""
-    rng = np.random.default_rng() if hflip_prob > 0 else None
+    ``torch._dynamo``), on the way to a run's first batch.
+
+    The flip of a row is drawn from its :data:`AUG_SEED` column (:func:`decode_images` adds
+    it), so a run repeats its flips; a batch without one draws its flips from seed 0."""
     root = as_root(root)
+    seeded = AUG_SEED in batch.column_names
+    batch_rng = None if seeded else np.random.default_rng(0)
+    seeds = batch.column(AUG_SEED).to_pylist() if seeded else [None] * batch.num_rows
     images, shapes, boxes_out = [], [], []
-    for image, flat_boxes in zip(
+    for n, (image, flat_boxes) in enumerate(zip(
         batch.column("image_file").to_pylist(), batch.column("boxes").to_pylist(), strict=True
-    ):
+    )):
         with Image.open(root.open(image)) as img:
             pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # HWC -> CHW
         boxes = np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4)
-        if rng is not None and rng.random() < hflip_prob:
+        rng = batch_rng or _row_rng(seeds[n])
+        if hflip_prob > 0 and rng.random() < hflip_prob:
             width = pixels.shape[2]
             pixels = pixels[:, :, ::-1]
             boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
@@ -58,18 +68,27 @@ def decode_batch(batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0)
         shapes.append(list(pixels.shape))
         boxes_out.append(boxes.reshape(-1).tolist())
     return (
-        batch.drop_columns(["boxes"])
+        batch.drop_columns(["boxes", *([AUG_SEED] if seeded else [])])
         .append_column("boxes", pa.array(boxes_out, type=pa.list_(pa.float32())))
         .append_column("image", pa.array(images, type=pa.binary()))
         .append_column("image_shape", pa.array(shapes, type=pa.list_(pa.int32())))
     )
 
 
+def _row_rng(seed: float) -> np.random.Generator:
+    return np.random.default_rng(int(seed * 2**53))  # every bit of the float's mantissa
+
+
 def decode_images(
-    annotations: ray.data.Dataset, root: DataRoot | str | Path, hflip_prob: float = 0.0
+    annotations: ray.data.Dataset, root: DataRoot | str | Path, hflip_prob: float = 0.0, seed: int = 0
 ) -> ray.data.Dataset:
-    """Usable images only (``ok``), decoded; pixels are read lazily, never on the driver."""
-    return annotations.filter(expr=col("ok")).map_batches(
+    """Usable images only (``ok``), decoded; pixels are read lazily, never on the driver.
+    With ``hflip_prob``, each row's flip comes from ``seed`` and the dataset's execution
+    (one per epoch): the same for the same seed, new every epoch."""
+    usable = annotations.filter(expr=col("ok"))
+    if hflip_prob > 0:
+        usable = usable.with_column(AUG_SEED, random(seed=seed, reseed_after_execution=True))
+    return usable.map_batches(
         decode_batch,
         fn_kwargs={"root": as_root(root), "hflip_prob": hflip_prob},
         batch_format="pyarrow",

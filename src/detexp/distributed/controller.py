@@ -17,7 +17,14 @@ from ray.util.queue import Queue
 
 class ValidationNotDropped(DataConfig):
     """Train shards are equal, since DDP needs the same number of steps on every worker;
-    val shards are not, so that no image is dropped from the metrics."""
+    val shards are not, so that no image is dropped from the metrics. The train rows reach
+    the workers in the seeded shuffle's order, not in the order their decode tasks finish,
+    so that a run with the same seed trains on the same batches (the same losses)."""
+
+    def __init__(self):
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        super().__init__(datasets_to_split=["train"], execution_options={"train": options})
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         splits = {k: v for k, v in datasets.items() if k != "val"}

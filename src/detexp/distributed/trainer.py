@@ -87,7 +87,7 @@ def fit(
             callbacks=[ForwardReports(queue), *callbacks],
         ),
         datasets=datasets,
-        dataset_config=ValidationNotDropped(datasets_to_split=["train"]),
+        dataset_config=ValidationNotDropped(),
     )
     stop = threading.Event()
     pump = _Pump(queue, stop, driver)
