@@ -153,3 +153,32 @@ def test_lr_steps_that_can_never_apply_are_named_before_ray(caplog):
         check_train_config(compose_train(["schedule.lr_steps=[2,16,22]"]))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith("schedule.lr_steps=[2, 16, 22]: step(s) 16, 22 at or past schedule.epochs=4 never apply")
+
+
+def test_the_readmes_former_sweep_is_named_twice_before_ray(caplog):
+    """`train -m optimizer.lr=0.01,0.02 schedule.lr_steps='[16,22]','[8,11]'` on the default
+    recipe: SGD's learning rates on AdamW (epoch-1 loss 364) and steps past its 4 epochs."""
+    with caplog.at_level(logging.WARNING, logger="detexp"):
+        for lr in ("0.0005", "0.002"):  # the sweep the README has now
+            check_train_config(compose_train([f"optimizer.lr={lr}"]))
+        check_train_config(compose_train(["+experiment=smoke", "optimizer.lr=0.02"]))  # SGD's own lr on SGD
+        assert not caplog.records
+        check_train_config(compose_train(["optimizer.lr=0.01", "schedule.lr_steps=[8,11]"]))
+    lr, steps = (r.getMessage() for r in caplog.records)
+    assert lr.startswith("optimizer.lr=0.01 is far above what adamw trains a detector with (1e-05 to 0.005")
+    assert steps.startswith("schedule.lr_steps=[8, 11]: step(s) 8, 11 at or past schedule.epochs=4 never apply")
+
+
+def test_a_search_dimension_that_cannot_change_a_trial_is_named(caplog):
+    from detexp.commands.search_space import check_search_space
+
+    base = compose_train([])  # AdamW, 4 epochs
+    with caplog.at_level(logging.WARNING, logger="detexp"):
+        check_search_space({"optimizer.lr": {"loguniform": [3e-4, 3e-3]}, "schedule.lr_steps": {"choice": [[3], [2, 3]]}}, base, "random")
+        assert not caplog.records
+        check_search_space({"optimizer.momentum": {"uniform": [0.8, 0.95]},
+                            "schedule.lr_steps": {"choice": [[3, 16], [3, 22]]}}, base, "random")
+    momentum, steps = (r.getMessage() for r in caplog.records)
+    assert momentum == ("tune.search_space.optimizer.momentum: optimizer=adamw has no momentum (SGD's); "
+                        "every trial trains alike on this key")
+    assert steps.startswith("tune.search_space.schedule.lr_steps: every choice drops the lr at the same epochs")

@@ -337,3 +337,58 @@ def test_folded_batch_norms_give_the_same_detections():
     fold_batch_norms(frozen)
     assert isinstance(frozen[1], torch.nn.Identity)
     torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_starts_from_coco_weights_in_the_cache_with_a_new_predictor_and_the_pretrained_rpn(monkeypatch, tmp_path):
+    """`+experiment=finetune`: torchvision's COCO fasterrcnn_resnet50_fpn (a COCO-shaped
+    state dict saved into a private TORCH_HOME, nothing downloaded), SGD as the fine-tuning
+    tutorial has it, and every pretrained weight kept but the box predictor's."""
+    from conftest import compose_train
+
+    cfg = compose_train(["+experiment=finetune"])
+    assert (cfg.model.name, cfg.model.weights, cfg.model.anchor_sizes) == ("fasterrcnn_resnet50_fpn", "DEFAULT", None)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("sgd", 0.005, 5e-4)
+    assert cfg.schedule.lr_steps[-1] < cfg.schedule.epochs
+    weights = tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+    coco = tvd.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    _cache(monkeypatch, tmp_path, weights, coco.state_dict())
+    assert [p.name for p in weight_files(cfg.model)] == [weights.url.rsplit("/", 1)[-1]]
+
+    model = build_detector(cfg.model, num_classes=3)
+
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    for part in ("backbone", "rpn", "roi_heads.box_head"):
+        theirs, ours = coco.get_submodule(part).state_dict(), model.get_submodule(part).state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in theirs.items() if not k.endswith("num_batches_tracked")), part
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+
+
+def test_a_checkpoint_of_other_classes_gives_all_but_its_box_predictor(tmp_path, caplog):
+    from conftest import compose_train
+    from detexp.commands.train import _say_where_the_weights_start
+
+    earlier = build_detector(_cfg(), num_classes=91)
+    path = tmp_path / "coco_run.pt"
+    torch.save({"model": earlier.state_dict()}, path)
+
+    model = build_detector(_cfg(checkpoint=str(path)), num_classes=3)
+
+    assert torch.equal(model.backbone.body["0"][0].weight, earlier.backbone.body["0"][0].weight)
+    assert torch.equal(model.rpn.head.conv[0][0].weight, earlier.rpn.head.conv[0][0].weight)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    cfg = compose_train([f"model.checkpoint={path}", "model.min_size=128", "model.max_size=128"])
+    with caplog.at_level("INFO", logger="detexp"):
+        _say_where_the_weights_start(cfg)
+    assert f"model.checkpoint={path} predicts 90 classes + background: its box predictor is replaced" in caplog.text
+
+
+def test_random_weights_on_an_export_say_which_recipe_to_pick(caplog):
+    from conftest import compose_train
+    from detexp.commands.train import _say_where_the_weights_start
+
+    with caplog.at_level("INFO", logger="detexp"):
+        _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export", "dataset.classes=[a]"]))
+        assert "+experiment=finetune" in caplog.text and "model.anchor_sizes=auto" in caplog.text
+        caplog.clear()
+        _say_where_the_weights_start(compose_train([]))  # the generated shapes: the recipe made for them
+    assert caplog.text == ""

@@ -163,8 +163,10 @@ class ModelConfig:
     # builders put every size on each of their feature maps; the ResNet-50 FPN builders
     # put one size on each of their 5 levels (give 5). Ratios (height / width) apply on
     # every level. Other anchors than the builder's give the RPN fresh output layers.
-    anchor_sizes: list[int] | None = None
-    anchor_ratios: list[float] | None = None
+    # `auto`: fitted to the train split's boxes before Ray starts (detexp.modeling.anchors),
+    # printed, and stored as numbers in the run's config and checkpoints.
+    anchor_sizes: Any = None  # list[int] | "auto" | None
+    anchor_ratios: Any = None  # list[float] | "auto" | None
 
 
 @dataclass

@@ -9,6 +9,7 @@ as JSON strings and are decoded in the trial.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from detexp.config import TrainConfig
 from detexp.errors import ConfigError
+
+log = logging.getLogger("detexp")
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 LR_SPAN = 4.0  # the default space: the recipe's lr / 4 to lr x 4, log-uniform
@@ -72,6 +75,27 @@ def check_search_space(space: Mapping[str, Any], train_cfg: DictConfig, search: 
             raise ConfigError(f"{where}: grid is not supported with tune.search=optuna; use choice")
         for value in values if kind in ("choice", "grid") else []:
             _check_value(where, train_cfg, key, value)
+        idle = _does_nothing(key, kind, values, train_cfg)
+        if idle:
+            log.warning("%s: %s; every trial trains alike on this key", where, idle)
+
+
+def _does_nothing(key: str, kind: str, values: list, train_cfg: DictConfig) -> str | None:
+    """Why searching ``key`` cannot change a trial of ``train_cfg``, or None."""
+    optimizer, schedule = train_cfg.optimizer, train_cfg.schedule
+    if key == "optimizer.momentum" and optimizer.name != "sgd":
+        return f"optimizer={optimizer.name} has no momentum (SGD's)"
+    if key in ("schedule.lr_steps", "schedule.lr_gamma") and schedule.name != "multistep":
+        return f"schedule.name={schedule.name} has no steps (multistep's)"
+    if key == "schedule.lr_steps" and kind in ("choice", "grid"):
+        applied = {tuple(s for s in steps if s < schedule.epochs) for steps in values if isinstance(steps, list)}
+        if len(applied) == 1:
+            return f"every choice drops the lr at the same epochs within schedule.epochs={schedule.epochs}"
+    if key == "schedule.lr_gamma" and not [s for s in schedule.lr_steps if s < schedule.epochs]:
+        return f"schedule.lr_steps={list(schedule.lr_steps)} never apply within schedule.epochs={schedule.epochs}"
+    if key.startswith("trainer.") and key not in ("trainer.amp",) and not train_cfg.scaling.use_gpu:
+        return "a trainer.* key changes how fast a CPU trains, not what it learns"
+    return None
 
 
 def _check_range(where: str, kind: str, values: list, train_cfg: DictConfig, key: str, search: str) -> None:

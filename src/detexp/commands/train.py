@@ -138,6 +138,7 @@ def train(
     FAILED and the last good checkpoint stays)."""
     check_train_config(cfg)
     source = find_data(cfg)
+    _say_where_the_weights_start(cfg)
     run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
     if run.finished:  # nothing to train: no Ray
         return _report_finished(run, callbacks)
@@ -173,7 +174,57 @@ def find_data(cfg: DictConfig) -> DataSource:
     log.info("%s", source.summary())
     if list(cfg.dataset.classes) != source.classes:
         cfg.dataset.classes = source.classes
+    fit_auto_anchors(cfg, source)
     return source
+
+
+def _say_where_the_weights_start(cfg: DictConfig) -> None:
+    """One line before Ray starts when the start is not what the user may think: random
+    weights on data that is not the generated shapes, or a checkpoint of other classes."""
+    from detexp.modeling.detector import checkpoint_classes
+
+    model, classes = cfg.model, len(cfg.dataset.classes) + 1
+    if model.checkpoint is not None:
+        found = checkpoint_classes(model.checkpoint)
+        if found != classes:
+            log.info(
+                "model.checkpoint=%s predicts %d classes + background: its box predictor is replaced by a "
+                "fresh one for the %d of this run, every other weight is kept", model.checkpoint, found - 1, classes - 1,
+            )
+    elif model.weights is None and model.weights_backbone is None and cfg.dataset.name != "shapes":
+        log.warning(
+            "%s starts from random weights: the CPU demo recipe, made for the generated shapes. On your own "
+            "data start from pretrained weights: +experiment=finetune (torchvision's COCO weights from "
+            "$TORCH_HOME; docs/recipes.md), or model.checkpoint=<an earlier run>. The keys that matter most: "
+            "model.anchor_sizes=auto model.anchor_ratios=auto, schedule.epochs, optimizer.lr", model.name,
+        )
+
+
+ANCHOR_FIT_IMAGES = 2000  # train images whose boxes the anchors are fitted to, at most (a seeded sample)
+
+
+def fit_auto_anchors(cfg: DictConfig, source: DataSource) -> None:
+    """``model.anchor_sizes=auto`` / ``model.anchor_ratios=auto``: fitted to the train split's
+    boxes (:mod:`detexp.modeling.anchors`), said in one line, and written into ``cfg`` as
+    numbers, so the params, the checkpoints and every eval or predict hold the same anchors."""
+    import random
+
+    from detexp.data.label_stats import read_records
+    from detexp.modeling.anchors import fit_model_anchors, is_auto
+    from detexp.modeling.detector import RESNET_FPN_BUILDERS
+
+    model = cfg.model
+    if not (is_auto(model.anchor_sizes) or is_auto(model.anchor_ratios)):
+        return
+    entries = list(source.train)
+    if len(entries) > ANCHOR_FIT_IMAGES:
+        entries = random.Random(cfg.seed).sample(entries, ANCHOR_FIT_IMAGES)
+    records, _ = read_records(source.root, entries, source.classes)
+    if not any(len(r.boxes) for r in records):
+        raise ConfigError("model.anchor_sizes / model.anchor_ratios=auto: the train split has no usable boxes to fit them to")
+    fit = fit_model_anchors(model, records, ladder=model.name in RESNET_FPN_BUILDERS)
+    log.info("%s", fit.summary(model.min_size, model.max_size))
+    model.anchor_sizes, model.anchor_ratios = fit.sizes, fit.ratios
 
 
 def _plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str], tags: Mapping[str, str] | None) -> TrainRun:

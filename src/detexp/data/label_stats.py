@@ -31,11 +31,16 @@ OBJECTS_PER_IMAGE_CAP = 10  # the tables and plots show "10+"; label_stats.json 
 
 def read_records(root: DataRoot | Path, entries: Sequence[ImageEntry | str], classes: Sequence[str]) -> tuple[list[VOCRecord], list[Problem]]:
     """(usable records, all problems) of ``entries``, reading only the image headers: fast,
-    so a truncated JPEG counts as usable here (``data check`` decodes every pixel)."""
+    so a truncated JPEG counts as usable here (``data check`` decodes every pixel). A remote
+    root is read by a few threads (each read is a round trip)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     records: list[VOCRecord] = []
     problems: list[Problem] = []
-    for entry in entries:
-        record, found = parse_record(root, entry, classes)
+    remote = isinstance(root, DataRoot) and root.remote
+    with ThreadPoolExecutor(16 if remote else 1) as pool:
+        parsed = list(pool.map(lambda entry: parse_record(root, entry, classes), entries))
+    for record, found in parsed:
         problems.extend(found)
         if record is not None:
             records.append(record)

@@ -34,7 +34,7 @@ from detexp.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 IMAGE_DIR_NAMES = ("JPEGImages", "images", "data", "imgs", "img")
-ANNOTATION_DIR_NAMES = ("Annotations", "annotations", "labels", "label", "xml", "xmls")
+ANNOTATION_DIR_NAMES = ("Annotations", "annotations", "annots", "labels", "label", "xml", "xmls")
 # dataset.val_split names a folder; Roboflow calls its validation split "valid"
 SPLIT_ALIASES = {"val": ("valid", "validation"), "valid": ("val", "validation"), "validation": ("val", "valid")}
 LABELMAP_FILE = "labelmap.txt"  # CVAT's Pascal VOC export: one "name:color:parts:actions" line a class

@@ -11,6 +11,8 @@ start, and the first training step waits for them (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import copy
+
 from ray.train import DataConfig, UserCallback
 from ray.util.queue import Queue
 
@@ -22,7 +24,10 @@ class ValidationNotDropped(DataConfig):
     so that a run with the same seed trains on the same batches (the same losses)."""
 
     def __init__(self):
-        options = DataConfig.default_ingest_options()
+        from ray.data import DataContext
+
+        # the driver's options, as Ray Train's default takes them (a copy: no deprecation warning)
+        options = copy.deepcopy(DataContext.get_current().execution_options)
         options.preserve_order = True
         super().__init__(datasets_to_split=["train"], execution_options={"train": options})
 

@@ -18,6 +18,7 @@ from torchvision.models import detection as tvd
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from detexp.errors import ConfigError
+from detexp.modeling.anchors import AUTO, is_auto
 from detexp.modeling.roi_align import MultiScaleRoIAlign
 from detexp.modeling.weights import load_model_state
 
@@ -136,10 +137,16 @@ def _set_returned_layers(model: tvd.FasterRCNN, cfg: Any) -> None:
 
 def _check_anchors(cfg: Any) -> None:
     for key, values in (("model.anchor_sizes", cfg.anchor_sizes), ("model.anchor_ratios", cfg.anchor_ratios)):
-        if values is not None and (len(values) == 0 or min(values) <= 0):
-            raise ConfigError(f"{key}={list(values)} must be a non-empty list of positive numbers, or null (the builder's)")
+        if values is None or is_auto(values):
+            continue
+        if isinstance(values, str) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) \
+                or len(values) == 0 or min(values) <= 0:
+            raise ConfigError(
+                f"{key}={values if isinstance(values, str) else list(values)} must be a non-empty list of positive "
+                f"numbers, {AUTO} (fitted to the train split's boxes) or null (the builder's)"
+            )
     sizes = cfg.anchor_sizes
-    if sizes is not None and cfg.name in RESNET_FPN_BUILDERS and len(sizes) != RESNET_FPN_LEVELS:
+    if sizes is not None and not is_auto(sizes) and cfg.name in RESNET_FPN_BUILDERS and len(sizes) != RESNET_FPN_LEVELS:
         raise ConfigError(
             f"model.anchor_sizes={list(sizes)}: {cfg.name} has one anchor size per FPN level, "
             f"so it needs {RESNET_FPN_LEVELS} sizes, smallest first (the builder's: [32, 64, 128, 256, 512])"
@@ -156,6 +163,11 @@ def _set_anchors(model: tvd.FasterRCNN, cfg: Any) -> None:
 
     if cfg.anchor_sizes is None and cfg.anchor_ratios is None and cfg.returned_layers is None:
         return
+    if is_auto(cfg.anchor_sizes) or is_auto(cfg.anchor_ratios):  # train fits them first (commands.train.find_data)
+        raise ConfigError(
+            f"model.anchor_sizes={cfg.anchor_sizes}, model.anchor_ratios={cfg.anchor_ratios}: {AUTO} is fitted to the "
+            "train split by `train` and `tune`, which store the numbers in the checkpoint; give numbers here"
+        )
     old = model.rpn.anchor_generator
     levels = len(old.sizes) if cfg.returned_layers is None else len(cfg.returned_layers) + 1
     if cfg.name in RESNET_FPN_BUILDERS:  # one size per level (returned_layers is refused)
@@ -209,7 +221,8 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
 
     Weights are read from the TORCH_HOME cache (torchvision downloads them when missing,
     which needs network access). ``cfg.checkpoint`` then overrides them with a saved
-    detexp checkpoint or plain state dict of the same architecture and class count.
+    detexp checkpoint or plain state dict of the same architecture; one with another class
+    count gives every weight but the box predictor's, which stays fresh for ``num_classes``.
     """
     check_model_config(cfg)
     builder, weights_enum, backbone_enum = BUILDERS[cfg.name]
@@ -242,8 +255,22 @@ def build_detector(cfg: Any, num_classes: int) -> tvd.FasterRCNN:
     _set_returned_layers(model, cfg)
     _set_anchors(model, cfg)
     if cfg.checkpoint is not None:
-        model.load_state_dict(load_model_state(cfg.checkpoint, num_classes))
+        state = load_model_state(cfg.checkpoint)
+        if state[PREDICTOR_WEIGHT].shape[0] != num_classes:  # another run's classes: a fresh predictor
+            state = {k: v for k, v in state.items() if not k.startswith(PREDICTOR)}
+            model.load_state_dict(state, strict=False)
+        else:
+            model.load_state_dict(state)
     return model
+
+
+PREDICTOR = "roi_heads.box_predictor."
+PREDICTOR_WEIGHT = PREDICTOR + "cls_score.weight"
+
+
+def checkpoint_classes(path: str | Path) -> int:
+    """Classes (background included) the box predictor of a checkpoint file predicts."""
+    return int(load_model_state(path)[PREDICTOR_WEIGHT].shape[0])
 
 
 def _resize_box_head(model: tvd.FasterRCNN, cfg: Any, num_classes: int) -> None:
