@@ -390,5 +390,8 @@ def test_random_weights_on_an_export_say_which_recipe_to_pick(caplog):
         _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export", "dataset.classes=[a]"]))
         assert "+experiment=finetune" in caplog.text and "model.anchor_sizes=auto" in caplog.text
         caplog.clear()
+        _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export"]), fits_anchors=True)
+        assert "+experiment=finetune" in caplog.text and "anchor_sizes" not in caplog.text
+        caplog.clear()
         _say_where_the_weights_start(compose_train([]))  # the generated shapes: the recipe made for them
     assert caplog.text == ""

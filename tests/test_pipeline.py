@@ -141,3 +141,63 @@ def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):
     assert all(sorted(order) == source.train_ids for order in epochs)  # every image once per epoch
     assert len({tuple(order) for order in epochs + [source.train_ids]}) == 3  # two new orders
     assert set(epochs[0][:8]) != set(epochs[1][:8])  # not the same first batch in both epochs
+
+
+def _two_blocks(root: Path) -> Path:
+    """A 160 x 120 black image with two white blocks, one in a corner, and their XML."""
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((120, 160, 3), dtype=np.uint8)
+    blocks = [(61, 41, 110, 90), (1, 1, 20, 16)]
+    for x0, y0, x1, y1 in blocks:
+        pixels[y0 - 1 : y1, x0 - 1 : x1] = 255
+    Image.fromarray(pixels).save(root / "JPEGImages" / "b.png")  # lossless: the blocks stay white
+    objects = "".join(
+        f"<object><name>block</name><difficult>{n}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for n, (x0, y0, x1, y1) in enumerate(blocks)
+    )
+    (root / "Annotations" / "b.xml").write_text(
+        f"<annotation><filename>b.png</filename><size><width>160</width><height>120</height></size>{objects}</annotation>"
+    )
+    return root
+
+
+@pytest.mark.parametrize("preset", ["ssd", "lsj"])
+def test_augmentation_presets_keep_boxes_on_their_objects_and_repeat_with_the_seed(tmp_path, preset):
+    """torchvision's ssd and lsj presets, in the decode step: every box kept is inside the
+    image and covers white pixels, a box cropped away goes with its label and difficult
+    flag, the same seed gives the same image and the seeds of an epoch give many."""
+    import pyarrow as pa
+
+    from detexp.data.voc import ImageEntry
+
+    _two_blocks(tmp_path)
+    table = _read_annotations(str(tmp_path), [ImageEntry("b", "JPEGImages/b.png", "Annotations/b.xml")], ("block",))
+    seen = set()
+    for seed in np.linspace(0.01, 0.99, 24):
+        seeded = table.append_column("aug_seed", pa.array([float(seed)]))
+        out = decode_batch(seeded, str(tmp_path), hflip_prob=0.5, augment=preset, size=128)
+        again = decode_batch(seeded, str(tmp_path), hflip_prob=0.5, augment=preset, size=128)
+        assert out.column("image").to_pylist() == again.column("image").to_pylist()
+        (image,), (target,) = batch_to_tensors(out)
+        height, width = image.shape[1:]
+        boxes = target["boxes"]
+        assert len(target["labels"]) == len(target["difficult"]) == len(boxes)
+        assert torch.all(boxes[:, 0::2] >= 0) and torch.all(boxes[:, 0::2] <= width)
+        assert torch.all(boxes[:, 1::2] >= 0) and torch.all(boxes[:, 1::2] <= height)
+        assert torch.all(boxes[:, 2:] - boxes[:, :2] >= 1)
+        if preset == "lsj":  # no photometric change: a box still sits on white pixels
+            assert (height, width) == (128, 128)
+            for box in boxes:
+                x0, y0, x1, y1 = (int(round(v)) for v in box.tolist())
+                assert image[:, y0:y1, x0:x1].mean().item() > 0.5
+        seen.add((out.column("image")[0].as_py(), tuple(target["difficult"].tolist())))
+    assert len(seen) > 12  # the draws differ from seed to seed
+    assert any(difficult == (False,) for _, difficult in seen)  # the corner block was cropped away, with its flag
+
+
+def test_multiscale_sizes_are_torchvisions_references():
+    from detexp.data.augment import multiscale_sizes
+
+    assert multiscale_sizes(800) == tuple(range(480, 801, 32))
+    assert multiscale_sizes(320) == (192, 224, 256, 288, 320)

@@ -80,6 +80,13 @@ class TuneScheduler(Choice):
     fifo = "fifo"
 
 
+class Augment(Choice):
+    hflip = "hflip"
+    ssd = "ssd"
+    lsj = "lsj"
+    multiscale = "multiscale"
+
+
 class DataFormat(str, Enum):
     voc = "voc"
     coco = "coco"
@@ -121,6 +128,10 @@ class DatasetConfig:
     split_seed: int = 0
     batch_size: int = 2  # images per worker per step
     hflip_prob: float = 0.5
+    # Training augmentation (detexp.data.augment): hflip | ssd (photometric distortion, zoom
+    # out, IoU crop, flip) | lsj (scale jitter 0.1-2x, crop to min_size, flip) | multiscale
+    # (shorter side 0.6-1x model.min_size, flip). All flip with hflip_prob.
+    augment: Augment = Augment.hflip
     on_error: OnError = OnError.skip  # skip | raise: what to do with images whose annotation is broken
     cache_dir: str = "~/.cache/detexp"
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -137,8 +137,9 @@ def train(
     :class:`TrainingDivergedError` when the loss becomes NaN/inf (the MLflow run is then
     FAILED and the last good checkpoint stays)."""
     check_train_config(cfg)
+    fits_anchors = _fits_anchors(cfg.model)
     source = find_data(cfg)
-    _say_where_the_weights_start(cfg)
+    _say_where_the_weights_start(cfg, fits_anchors)
     run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
     if run.finished:  # nothing to train: no Ray
         return _report_finished(run, callbacks)
@@ -178,7 +179,13 @@ def find_data(cfg: DictConfig) -> DataSource:
     return source
 
 
-def _say_where_the_weights_start(cfg: DictConfig) -> None:
+def _fits_anchors(model: Any) -> bool:
+    from detexp.modeling.anchors import is_auto
+
+    return is_auto(model.anchor_sizes) or is_auto(model.anchor_ratios)
+
+
+def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False) -> None:
     """One line before Ray starts when the start is not what the user may think: random
     weights on data that is not the generated shapes, or a checkpoint of other classes."""
     from detexp.modeling.detector import checkpoint_classes
@@ -196,7 +203,8 @@ def _say_where_the_weights_start(cfg: DictConfig) -> None:
             "%s starts from random weights: the CPU demo recipe, made for the generated shapes. On your own "
             "data start from pretrained weights: +experiment=finetune (torchvision's COCO weights from "
             "$TORCH_HOME; docs/recipes.md), or model.checkpoint=<an earlier run>. The keys that matter most: "
-            "model.anchor_sizes=auto model.anchor_ratios=auto, schedule.epochs, optimizer.lr", model.name,
+            "%sschedule.epochs, optimizer.lr", model.name,
+            "" if fits_anchors else "model.anchor_sizes=auto model.anchor_ratios=auto, ",
         )
 
 
@@ -210,11 +218,11 @@ def fit_auto_anchors(cfg: DictConfig, source: DataSource) -> None:
     import random
 
     from detexp.data.label_stats import read_records
-    from detexp.modeling.anchors import fit_model_anchors, is_auto
+    from detexp.modeling.anchors import fit_model_anchors
     from detexp.modeling.detector import RESNET_FPN_BUILDERS
 
     model = cfg.model
-    if not (is_auto(model.anchor_sizes) or is_auto(model.anchor_ratios)):
+    if not _fits_anchors(model):
         return
     entries = list(source.train)
     if len(entries) > ANCHOR_FIT_IMAGES:
@@ -446,7 +454,9 @@ def _load_datasets(cfg: DictConfig, source: DataSource):
     # A local buffer after decoding would mix only neighbours: a folder of sorted ids would
     # give nearly the same batches every epoch.
     shuffled = train_ann.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
-    datasets = {"train": decode_images(shuffled, source.root, cfg.dataset.hflip_prob, cfg.seed)}
+    datasets = {"train": decode_images(
+        shuffled, source.root, cfg.dataset.hflip_prob, cfg.seed, augment=str(cfg.dataset.augment), size=cfg.model.min_size,
+    )}
     if source.val_ids:
         datasets["val"] = decode_images(val_ann, source.root, 0.0)
     return datasets, counts, problems

@@ -34,24 +34,29 @@ if TYPE_CHECKING:
 AUG_SEED = "aug_seed"
 
 
-def decode_batch(batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0) -> pa.Table:
+def decode_batch(
+    batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0, augment: str = "hflip", size: int | None = None
+) -> pa.Table:
     """``map_batches`` step: read each row's ``image_file`` (relative to ``root``, a folder
-    or a URI), convert to RGB and, for training,
-    flip each image with its boxes with probability ``hflip_prob``. Output pixels are uint8
-    CHW bytes; the float conversion happens on the worker's device, which keeps the object
-    store 4x smaller.
+    or a URI), convert to RGB and, for training, put it with its boxes through the
+    ``augment`` preset (:mod:`detexp.data.augment`; ``size`` is the model's ``min_size``,
+    which ``lsj`` crops to). Output pixels are uint8 CHW bytes; the float conversion
+    happens on the worker's device, which keeps the object store 4x smaller.
 
-    Only PIL and numpy: the flip is torchvision v2's ``RandomHorizontalFlip`` rule for XYXY
-    boxes (x -> width - x, tests/test_pipeline.py checks it against v2), written in numpy
-    because importing torchvision costs each decode process about 6 CPU seconds (it imports
-    ``torch._dynamo``), on the way to a run's first batch.
+    Training rows carry an :data:`AUG_SEED` column (:func:`decode_images` adds it): each
+    row's draws come from it, so a run repeats them; a batch without one (validation)
+    draws from seed 0, which with ``hflip_prob=0`` and ``hflip`` changes nothing.
 
-    The flip of a row is drawn from its :data:`AUG_SEED` column (:func:`decode_images` adds
-    it), so a run repeats its flips; a batch without one draws its flips from seed 0."""
+    The ``hflip`` and ``multiscale`` presets use only PIL and numpy here, because importing
+    torchvision costs each decode process about 6 CPU seconds (it imports ``torch._dynamo``),
+    on the way to a run's first batch."""
+    from detexp.data.augment import augment as augment_image
+
     root = as_root(root)
     seeded = AUG_SEED in batch.column_names
     batch_rng = None if seeded else np.random.default_rng(0)
     seeds = batch.column(AUG_SEED).to_pylist() if seeded else [None] * batch.num_rows
+    labels, difficult = batch.column("labels").to_pylist(), batch.column("difficult").to_pylist()
     images, shapes, boxes_out = [], [], []
     for n, (image, flat_boxes) in enumerate(zip(
         batch.column("image_file").to_pylist(), batch.column("boxes").to_pylist(), strict=True
@@ -59,17 +64,19 @@ def decode_batch(batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0)
         with Image.open(root.open(image)) as img:
             pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # HWC -> CHW
         boxes = np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4)
-        rng = batch_rng or _row_rng(seeds[n])
-        if hflip_prob > 0 and rng.random() < hflip_prob:
-            width = pixels.shape[2]
-            pixels = pixels[:, :, ::-1]
-            boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+        pixels, boxes, kept = augment_image(pixels, boxes, batch_rng or _row_rng(seeds[n]), augment, hflip_prob, size)
+        if kept is not None:  # boxes left outside a crop: their labels go too
+            labels[n] = [labels[n][k] for k in kept]
+            difficult[n] = [difficult[n][k] for k in kept]
         images.append(np.ascontiguousarray(pixels).tobytes())
         shapes.append(list(pixels.shape))
         boxes_out.append(boxes.reshape(-1).tolist())
+    schema = batch.schema
     return (
-        batch.drop_columns(["boxes", *([AUG_SEED] if seeded else [])])
+        batch.drop_columns(["boxes", "labels", "difficult", *([AUG_SEED] if seeded else [])])
         .append_column("boxes", pa.array(boxes_out, type=pa.list_(pa.float32())))
+        .append_column(schema.field("labels"), pa.array(labels, type=schema.field("labels").type))
+        .append_column(schema.field("difficult"), pa.array(difficult, type=schema.field("difficult").type))
         .append_column("image", pa.array(images, type=pa.binary()))
         .append_column("image_shape", pa.array(shapes, type=pa.list_(pa.int32())))
     )
@@ -80,17 +87,18 @@ def _row_rng(seed: float) -> np.random.Generator:
 
 
 def decode_images(
-    annotations: ray.data.Dataset, root: DataRoot | str | Path, hflip_prob: float = 0.0, seed: int = 0
+    annotations: ray.data.Dataset, root: DataRoot | str | Path, hflip_prob: float = 0.0, seed: int = 0,
+    augment: str | None = None, size: int | None = None,
 ) -> ray.data.Dataset:
     """Usable images only (``ok``), decoded; pixels are read lazily, never on the driver.
-    With ``hflip_prob``, each row's flip comes from ``seed`` and the dataset's execution
-    (one per epoch): the same for the same seed, new every epoch."""
+    With ``augment`` (training), each row's draws come from ``seed`` and the dataset's
+    execution (one per epoch): the same for the same seed, new every epoch."""
     usable = annotations.filter(expr=col("ok"))
-    if hflip_prob > 0:
+    if augment is not None:
         usable = usable.with_column(AUG_SEED, random(seed=seed, reseed_after_execution=True))
     return usable.map_batches(
         decode_batch,
-        fn_kwargs={"root": as_root(root), "hflip_prob": hflip_prob},
+        fn_kwargs={"root": as_root(root), "hflip_prob": hflip_prob, "augment": augment or "hflip", "size": size},
         batch_format="pyarrow",
         batch_size=16,
     )

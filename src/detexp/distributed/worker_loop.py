@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from detexp.checkpoint.files import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTIONS_FILE
+from detexp.data.augment import multiscale_sizes
 from detexp.data.pipeline import batch_to_tensors
 from detexp.distributed.cluster import torch_threads
 from detexp.distributed.watchdog import Watchdog
@@ -214,6 +215,8 @@ class _Shards:
 
 def _build_training(cfg: Any, device: torch.device) -> Training:
     model = build_detector(cfg.model, len(cfg.dataset.classes) + 1)
+    if cfg.dataset.augment == "multiscale":  # the transform draws a size per training image
+        model.transform.min_size = multiscale_sizes(cfg.model.min_size)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
