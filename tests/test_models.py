@@ -387,8 +387,11 @@ def test_random_weights_on_an_export_say_which_recipe_to_pick(caplog):
     from detexp.commands.train import _say_where_the_weights_start
 
     with caplog.at_level("INFO", logger="detexp"):
-        _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export", "dataset.classes=[a]"]))
+        _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export", "dataset.classes=[a]"]),
+                                     train_images=160)
         assert "+experiment=finetune" in caplog.text and "model.anchor_sizes=auto" in caplog.text
+        assert ("4 epochs of 160 train images show 640, the recipe was fitted seeing 1600: "
+                "e.g. schedule.epochs=10 'schedule.lr_steps=[8]'") in caplog.text
         caplog.clear()
         _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export"]), fits_anchors=True)
         assert "+experiment=finetune" in caplog.text and "anchor_sizes" not in caplog.text

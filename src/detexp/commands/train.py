@@ -139,7 +139,7 @@ def train(
     check_train_config(cfg)
     fits_anchors = _fits_anchors(cfg.model)
     source = find_data(cfg)
-    _say_where_the_weights_start(cfg, fits_anchors)
+    _say_where_the_weights_start(cfg, fits_anchors, train_images=len(source.train))
     run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
     if run.finished:  # nothing to train: no Ray
         return _report_finished(run, callbacks)
@@ -185,9 +185,16 @@ def _fits_anchors(model: Any) -> bool:
     return is_auto(model.anchor_sizes) or is_auto(model.anchor_ratios)
 
 
-def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False) -> None:
+# The CPU demo recipe was fitted on 4 epochs of the 400 generated train images: a train
+# split of fewer images needs more epochs to see as many (benchmarks/RESULTS.md, "The recipe
+# on real exports": 160 raccoon photos, val map_50 0.487 after 4 epochs, 0.635 after 12).
+DEMO_RECIPE_IMAGES = 1600
+
+
+def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False, train_images: int = 0) -> None:
     """One line before Ray starts when the start is not what the user may think: random
-    weights on data that is not the generated shapes, or a checkpoint of other classes."""
+    weights on data that is not the generated shapes (with the epochs a small split needs),
+    or a checkpoint of other classes."""
     from detexp.modeling.detector import checkpoint_classes
 
     model, classes = cfg.model, len(cfg.dataset.classes) + 1
@@ -203,9 +210,25 @@ def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False) ->
             "%s starts from random weights: the CPU demo recipe, made for the generated shapes. On your own "
             "data start from pretrained weights: +experiment=finetune (torchvision's COCO weights from "
             "$TORCH_HOME; docs/recipes.md), or model.checkpoint=<an earlier run>. The keys that matter most: "
-            "%sschedule.epochs, optimizer.lr", model.name,
+            "%sschedule.epochs%s, optimizer.lr", model.name,
             "" if fits_anchors else "model.anchor_sizes=auto model.anchor_ratios=auto, ",
+            _epochs_advice(cfg.schedule, train_images),
         )
+
+
+def _epochs_advice(schedule: Any, train_images: int) -> str:
+    """`` (4 epochs show 640 images ...: e.g. schedule.epochs=10 'schedule.lr_steps=[8]')``
+    when the run sees fewer images than the demo recipe was fitted on, else ""."""
+    seen = schedule.epochs * train_images
+    if not train_images or seen >= DEMO_RECIPE_IMAGES:
+        return ""
+    epochs = math.ceil(DEMO_RECIPE_IMAGES / train_images)
+    steps = sorted({max(1, round(step * epochs / schedule.epochs)) for step in schedule.lr_steps if step < schedule.epochs})
+    shown = f" 'schedule.lr_steps=[{','.join(map(str, steps))}]'" if schedule.name == "multistep" and steps else ""
+    return (
+        f" ({schedule.epochs} epochs of {train_images} train images show {seen}, the recipe was fitted seeing "
+        f"{DEMO_RECIPE_IMAGES}: e.g. schedule.epochs={epochs}{shown})"
+    )
 
 
 ANCHOR_FIT_IMAGES = 2000  # train images whose boxes the anchors are fitted to, at most (a seeded sample)
