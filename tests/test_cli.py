@@ -35,7 +35,7 @@ def test_command_help_shows_its_groups_and_names_the_command(tmp_path, command):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"python -m detexp {command} [overrides...]")
     assert "dataset: coco, shapes, voc" in out.stdout
-    assert "experiment: lr_sweep, smoke, voc_tutorial" in out.stdout
+    assert "experiment: finetune, lr_sweep, smoke, voc_tutorial" in out.stdout
 
 
 def test_help_piped_into_head_prints_no_traceback(tmp_path):
