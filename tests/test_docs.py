@@ -7,12 +7,13 @@ machine lacks (Pascal VOC under ~/data, GPUs, a tracking server) stay in unmarke
 
 The default suite takes every runnable command, page by page, in a fresh directory:
 ``--help`` runs for real (a subprocess), ``data synth|check|show`` run for real in-process
-(small sizes), and ``train``/``tune``/``eval``/``predict`` are composed with Hydra exactly as
-the command line composes them (``-m`` sweeps: every combination; ``-cd``/``-cn``; ``--cfg``),
-then put through the checks each command makes before Ray starts. A renamed key, group or
-option in the code, or a typo in the docs, fails here with the page and line.
-``test_runnable_commands_end_to_end`` (slow) runs the training, tuning and inference
-commands for real, on tiny data.
+(small sizes), and ``train``/``tune``/``eval``/``predict``/``export``/``serve`` are composed
+with Hydra exactly as the command line composes them (``-m`` sweeps: every combination;
+``-cd``/``-cn``; ``--cfg``), then put through the checks each command makes before Ray
+starts. A renamed key, group or option in the code, or a typo in the docs, fails here with
+the page and line. ``test_runnable_commands_end_to_end`` (slow) runs the training, tuning,
+inference and export commands for real, on tiny data (``serve``, which runs until Ctrl-C,
+is tests/test_serve.py's).
 
 Placeholders in commands (:data:`PLACEHOLDERS`) stand for what an earlier command made.
 """
@@ -326,7 +327,7 @@ def run_cheap_or_compose(command: DocCommand, ws: Workspace, help_outputs: HelpR
             base, _ = check_tune_config(cfg)
             if args.cfg is None:
                 resolve(base.dataset)
-        elif words in (("eval",), ("predict",)):
+        elif words in (("eval",), ("predict",), ("export",), ("serve",)):
             prepare_inference(cfg, overrides)  # checkpoint, effective config, weights that fit
             if words == ("predict",):
                 list_images(cfg.input)
@@ -450,7 +451,10 @@ def test_a_command_the_code_no_longer_takes_fails_naming_page_and_line(line, nam
 
 
 # What each command prints when it has done its job.
-DONE = {("train",): "done:", ("tune",): "best trial", ("eval",): "metrics.json", ("predict",): "predictions.jsonl"}
+DONE = {
+    ("train",): "done:", ("tune",): "best trial", ("eval",): "metrics.json", ("predict",): "predictions.jsonl",
+    ("export",): "parity.json",
+}
 
 
 def _slow_order(commands: list[DocCommand]) -> list[DocCommand]:
@@ -506,6 +510,8 @@ def test_runnable_commands_end_to_end(tmp_path):
             words, rest = split_command(command.argv)
             if words is None or "--help" in rest or hydra_args(rest).cfg is not None:
                 continue  # the default suite runs these
+            if words == ("serve",):
+                continue  # serves until Ctrl-C; tests/test_serve.py serves and stops it for real
             try:
                 argv = ws.resolve(command.argv, ensure)
             except AssertionError as exc:  # what it needs was not made: an earlier failure says why

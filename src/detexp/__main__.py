@@ -24,6 +24,8 @@ commands:
   tune         Ray Tune search over train keys (ASHA, Optuna): tune tune.num_samples=N [tune.search_space=...]
   eval         mAP, per-class AP, PR curves of a checkpoint: eval checkpoint=PATH [dataset.val_split=...]
   predict      draw detections on images: predict checkpoint=PATH input=DIR_OR_IMAGE [score_threshold=0.5]
+  export       TorchScript or ONNX file checked against the PyTorch model: export checkpoint=PATH format=torchscript|onnx
+  serve        HTTP endpoint on Ray Serve (POST an image, get JSON detections): serve checkpoint=PATH [serve.port=8000]
   data synth   write the generated shapes dataset: data synth out=DIR [synth.num_train=N ...]
   data check   scan a dataset's splits for broken annotations and images
   data show    label statistics and ground-truth boxes drawn on a grid of images: data show [dataset=... grid_images=16]
@@ -40,6 +42,8 @@ Examples:
   python -m detexp data show dataset=voc dataset.root=~/data/VOCdevkit/VOC2012
   python -m detexp eval checkpoint=runs/train/2024-01-01_12-00-00/model_final.pt
   python -m detexp predict checkpoint=runs/train/2024-01-01_12-00-00 input=~/photos
+  python -m detexp export checkpoint=runs/train/2024-01-01_12-00-00 format=onnx
+  python -m detexp serve checkpoint=models:/shapes/1 serve.num_replicas=2
 """
 
 log = logging.getLogger("detexp")
@@ -78,6 +82,20 @@ def _run_predict(cfg: DictConfig) -> dict:
     return predict(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
+def _run_export(cfg: DictConfig) -> dict:
+    from detexp.commands.export import export
+
+    hc = HydraConfig.get()
+    return export(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+
+
+def _run_serve(cfg: DictConfig) -> dict:
+    from detexp.commands.serve import serve
+
+    hc = HydraConfig.get()
+    return serve(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+
+
 def _run_data_check(cfg: DictConfig) -> int:
     from detexp.commands.data_check import data_check
 
@@ -105,6 +123,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[DictConfig], object]]] = {
     ("tune",): ("tune", _run_tune),
     ("eval",): ("eval", _run_eval),
     ("predict",): ("predict", _run_predict),
+    ("export",): ("export", _run_export),
+    ("serve",): ("serve", _run_serve),
     ("data", "check"): ("train", _run_data_check),
     ("data", "show"): ("data_show", _run_data_show),
     ("data", "synth"): ("synth", _run_data_synth),

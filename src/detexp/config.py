@@ -87,6 +87,11 @@ class Augment(Choice):
     multiscale = "multiscale"
 
 
+class ExportFormat(Choice):
+    torchscript = "torchscript"  # model.pt: torch.jit.script of the detector
+    onnx = "onnx"  # model.onnx: the legacy (TorchScript-tracing) ONNX exporter, for onnxruntime
+
+
 class DataFormat(str, Enum):
     voc = "voc"
     coco = "coco"
@@ -357,6 +362,79 @@ class PredictConfig:
 
 
 @dataclass
+class ExportSettings:
+    """`detexp export`: the ONNX opset and the parity check against the PyTorch model."""
+
+    # ONNX opset (format=onnx), 11 to 20: torchvision's NMS and RoIAlign export from 11,
+    # the exporter writes up to 20; 17 is one that onnxruntime, TensorRT and OpenVINO all read.
+    opset: int = 17
+    # Val images both models predict (the first by id); 0 skips the check (not advised).
+    parity_images: int = 32
+    # Detections scored below this are left out of the comparison. Those at the model's
+    # own cuts (box_score_thresh, the 100th detection), which a rounding of the score keeps
+    # in one model and drops in the other, are left out anyway (detexp.evaluation.parity).
+    parity_min_score: float = 0.05
+    # The export fails when a matched box moves more than tolerance_px (in the image's
+    # pixels) or a score more than tolerance_score, or when a detection scored above
+    # parity_min_score is in one model and not in the other. Float rounding between two
+    # runtimes moves boxes by ~1e-5 px and scores by ~1e-7; half a pixel is below any
+    # annotation's precision and 0.01 of score moves no threshold a user sets, while a
+    # wrong weight or a different resize moves boxes by pixels (docs/deploy.md).
+    tolerance_px: float = 0.5
+    tolerance_score: float = 0.01
+
+
+@dataclass
+class ExportConfig:
+    """`detexp export checkpoint=PATH format=torchscript|onnx`: the detector eval and
+    predict run, as one file another runtime loads, checked against the PyTorch model.
+
+    ``model`` and ``dataset`` come from the checkpoint as for eval; the dataset's val split
+    is what the parity check predicts."""
+
+    checkpoint: str | None = None  # a train run dir, a model file or models:/NAME/VERSION
+    format: ExportFormat = ExportFormat.torchscript
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportSettings = field(default_factory=ExportSettings)
+
+
+@dataclass
+class ServeSettings:
+    """`detexp serve`: the HTTP endpoint and its Ray Serve replicas."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to take requests from other machines
+    port: int = 8000
+    num_replicas: int = 1
+    # Requests one replica runs through the model together (Ray Serve's @serve.batch), and
+    # how long the first of them waits for the others.
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    # GPUs a replica reserves (null = 1 with scaling.use_gpu, else 0); its CPUs and torch
+    # threads are scaling.cpus_per_worker and scaling.threads_per_worker.
+    gpus_per_replica: float | None = None
+    max_bytes: int = 20 * 2**20  # a larger request body is refused (413)
+    # A larger image is refused (413): its float tensor alone takes 12 bytes a pixel.
+    max_pixels: int = 25_000_000
+
+
+@dataclass
+class ServeConfig:
+    """`detexp serve checkpoint=PATH`: the detector eval and predict run, behind HTTP
+    (POST an image, get its detections as JSON) on Ray Serve."""
+
+    checkpoint: str | None = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # only dataset.classes is used
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # for checkpoint=models:/...
+    ray: RayConfig = field(default_factory=RayConfig)
+    score_threshold: float = 0.5  # detections below it are not returned, as in predict
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+
+@dataclass
 class SynthCommandConfig:
     """`detexp data synth`: write the shapes dataset wherever the user asks."""
 
@@ -380,6 +458,8 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="data_show_schema", node=DataShowConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
 
 
 def plain(cfg: Any) -> Any:

@@ -32,4 +32,12 @@ class TrainingDivergedError(DetexpError):
     """The loss became NaN or infinite."""
 
 
+class MissingDependencyError(DetexpError):
+    """An optional extra a command needs is not installed (the message says which to install)."""
+
+
+class ParityError(DetexpError):
+    """An exported model predicts differently from the PyTorch model (the message gives by how much)."""
+
+
 USER_ERRORS = (DetexpError,)

@@ -70,13 +70,14 @@ def check_scaling(scaling: DictConfig) -> None:
 
 
 def prepare_inference(cfg: DictConfig, overrides: Sequence[str] | None):
-    """Checks shared by eval and predict, all before Ray or MLflow start: the checkpoint,
-    the effective config and weights that fit it. Returns ``(info, config, state)``."""
+    """Checks shared by eval, predict, export and serve, all before Ray or MLflow start: the
+    checkpoint, the effective config and weights that fit it. Returns ``(info, config, state)``."""
     from detexp.modeling.detector import check_model_config
 
-    if cfg.batch_size < 1:
+    if cfg.get("batch_size", 1) < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be at least 1")
-    check_scaling(cfg.scaling)
+    if "scaling" in cfg:
+        check_scaling(cfg.scaling)
     if str(cfg.checkpoint or "").startswith("models:/"):  # a version of the MLflow model registry
         from detexp.tracking.mlflow_runs import download_model
 

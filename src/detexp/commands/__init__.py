@@ -1,4 +1,5 @@
-"""The commands a user runs (``train``, ``tune``, ``eval``, ``predict``, ``data ...``), each a
+"""The commands a user runs (``train``, ``tune``, ``eval``, ``predict``, ``export``, ``serve``,
+``data ...``), each a
 plain function of a composed config, plus what they share: Hydra multirun as one MLflow
 parent run and Ray Tune's search space.
 

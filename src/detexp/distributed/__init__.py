@@ -1,6 +1,6 @@
 """Ray: start-up and resource checks on the driver, the TorchTrainer and its controller-side
-callbacks, the Train worker loop (the only code that calls ``ray.train`` in a worker), and
-Ray Data batch inference.
+callbacks, the Train worker loop (the only code that calls ``ray.train`` in a worker), Ray
+Data batch inference and the Ray Serve endpoint.
 
 May import checkpoint, engine, evaluation, modeling, tracking, data, config and errors;
 never a command. ``controller`` is unpickled in Ray's controller processes, so it (and

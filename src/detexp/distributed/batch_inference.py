@@ -33,9 +33,7 @@ from PIL import Image
 
 from detexp.config import plain
 from detexp.evaluation.records import prediction_table
-from detexp.modeling.batchnorm import fold_batch_norms
-from detexp.modeling.detector import build_inference_model
-from detexp.modeling.weights import load_weights
+from detexp.modeling.detector import inference_model
 
 log = logging.getLogger("detexp")
 
@@ -45,6 +43,10 @@ PROGRESS_EVERY_S = 30.0
 # busy and the results streaming. (The annotation reader makes blocks of hundreds of
 # images: with 5,000 images, 6 tasks of ~830 images each, results in bulk, 6 actors at most.)
 BATCHES_PER_BLOCK = 4
+# Decimals of a box coordinate in every output: 0.01 px is far below any annotation's
+# precision; the same rounded boxes go to the metrics and to predictions.jsonl, so the file
+# reproduces the numbers exactly.
+BOX_DECIMALS = 2
 
 
 class Predictor:
@@ -81,11 +83,7 @@ class Predictor:
             state = ray.get(state)
         self.classes = list(classes)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_inference_model(model_cfg, len(self.classes) + 1)
-        load_weights(self.model, state)
-        fold_batch_norms(self.model.to(self.device).eval())
-        if self.device.type == "cpu":  # oneDNN's convolutions are faster on NHWC (trainer.channels_last)
-            self.model.to(memory_format=torch.channels_last)
+        self.model = inference_model(model_cfg, len(self.classes) + 1, state, self.device)
         self.min_score = min_score
         self.draw = draw if isinstance(draw, bool) else set(draw)
         self.draw_threshold = draw_threshold
@@ -239,9 +237,7 @@ def ray_noise_to(path: Path | None):
 def prediction_records(batch: pa.Table) -> tuple[list[dict], list[dict]]:
     """Per-image numpy arrays (views into one array per column and batch, straight from
     Arrow: no Python float objects) in the form DetectionEvaluator.update takes."""
-    # 0.01 px is far below any annotation's precision; the same rounded boxes go to the
-    # metrics and to predictions.jsonl, so the file reproduces the numbers exactly.
-    det_boxes = _per_row(batch, "det_boxes", np.float64, 4, decimals=2)
+    det_boxes = _per_row(batch, "det_boxes", np.float64, 4, decimals=BOX_DECIMALS)
     det_scores = _per_row(batch, "det_scores", np.float64)
     det_labels = _per_row(batch, "det_labels", np.int64)
     gt_boxes = _per_row(batch, "gt_boxes", np.float64, 4)
@@ -267,10 +263,32 @@ def _per_row(batch: pa.Table, name: str, dtype, width: int = 1, decimals: int | 
     return [values[offsets[i] : offsets[i + 1]].reshape(shape) for i in range(len(column))]
 
 
+def output_arrays(output: dict[str, torch.Tensor], min_score: float = 0.0) -> dict[str, np.ndarray]:
+    """One image's detector output (score >= ``min_score``) as the arrays
+    :func:`prediction_records` gives for it: float64 boxes rounded as there, float64
+    scores (exactly the model's float32 values), int64 labels."""
+    keep = output["scores"] >= min_score
+    boxes = output["boxes"][keep].detach().cpu().numpy().astype(np.float64).reshape(-1, 4)
+    return {
+        "boxes": np.round(boxes, BOX_DECIMALS),
+        "scores": output["scores"][keep].detach().cpu().numpy().astype(np.float64),
+        "labels": output["labels"][keep].detach().cpu().numpy().astype(np.int64),
+    }
+
+
+def detection_records(pred: dict[str, np.ndarray], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """One image's detections as predictions.jsonl and ``detexp serve`` write them: the
+    class name, the box [xmin, ymin, xmax, ymax] in the image's pixels, the score."""
+    return [
+        {"label": classes[label - 1], "box": box, "score": score}
+        for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist(), strict=True)
+    ]
+
+
 def write_jsonl(out, image_ids: Sequence[str], preds: Sequence[dict], classes: Sequence[str]) -> int:
     count = 0
     for image_id, pred in zip(image_ids, preds, strict=True):
-        for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist(), strict=True):
-            out.write(json.dumps({"image_id": image_id, "label": classes[label - 1], "box": box, "score": score}) + "\n")
+        for record in detection_records(pred, classes):
+            out.write(json.dumps({"image_id": image_id, **record}) + "\n")
             count += 1
     return count

@@ -299,6 +299,24 @@ def build_inference_model(model_cfg: Any, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def inference_model(
+    model_cfg: Any, num_classes: int, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> tvd.FasterRCNN:
+    """The detector eval, predict, export and serve run: :func:`build_inference_model` with
+    ``state`` loaded, in eval mode on ``device``, its BatchNorms folded into the convolutions
+    and, on a CPU, channels-last (oneDNN's convolutions are faster on NHWC)."""
+    from detexp.modeling.batchnorm import fold_batch_norms
+    from detexp.modeling.weights import load_weights
+
+    device = torch.device(device)
+    model = build_inference_model(model_cfg, num_classes)
+    load_weights(model, state)
+    fold_batch_norms(model.to(device).eval())
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def _norms_as_trained(model: torch.nn.Module, cfg: Any) -> None:
     """Given pretrained weights, torchvision's v1 builders make the backbone's norms
     FrozenBatchNorm2d, with eps 0 for fasterrcnn_resnet50_fpn's COCO_V1 weights; built
