@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+# detexp.config.Augment's names (not imported: config imports Hydra, which a decode task
+# would then load)
 PRESETS = ("hflip", "ssd", "lsj", "multiscale")
 MEAN_FILL = (123, 117, 104)  # the ImageNet mean in uint8: what zoom-out and padding fill with
 MULTISCALE_LOW, MULTISCALE_STEP = 0.6, 32

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detexp.data.files import DataRoot
-from detexp.data.parsing import parse_record
+from detexp.data.files import DataRoot, as_root
+from detexp.data.parsing import parse_record, read_each
 from detexp.data.voc import ImageEntry, Problem, VOCRecord
 
 # Histogram edges come from the ladder 1, 1.5, 2, 3, 4, 6, 8, 12, ... (and 1/x below 1 for
@@ -33,14 +33,10 @@ def read_records(root: DataRoot | Path, entries: Sequence[ImageEntry | str], cla
     """(usable records, all problems) of ``entries``, reading only the image headers: fast,
     so a truncated JPEG counts as usable here (``data check`` decodes every pixel). A remote
     root is read by a few threads (each read is a round trip)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     records: list[VOCRecord] = []
     problems: list[Problem] = []
-    remote = isinstance(root, DataRoot) and root.remote
-    with ThreadPoolExecutor(16 if remote else 1) as pool:
-        parsed = list(pool.map(lambda entry: parse_record(root, entry, classes), entries))
-    for record, found in parsed:
+    root = as_root(root)
+    for record, found in read_each(root, lambda entry: parse_record(root, entry, classes), entries):
         problems.extend(found)
         if record is not None:
             records.append(record)

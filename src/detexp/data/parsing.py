@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import xmltodict
@@ -33,6 +34,9 @@ from PIL import Image, ImageFile
 from detexp.data.files import DataRoot, as_root, first_line
 from detexp.data.voc import ImageEntry, Problem, VOCRecord
 from detexp.errors import DatasetError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Coordinates may stray this far outside the image before it counts as an error;
 # many tools write xmax = width + 1 or xmin = 0 for boxes touching the border.
@@ -459,16 +463,23 @@ def object_name_images(root: DataRoot | Path | str, entries: Sequence[ImageEntry
     round trip). This is what a summary of unknown class names, and classes read from the
     data, need that the problems cannot tell.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     root = as_root(root)
     items = [ImageEntry.devkit(e) if isinstance(e, str) else e for e in entries]
     counts: Counter[str] = Counter()
-    if root.remote:
-        with ThreadPoolExecutor(16) as pool:
-            for names in pool.map(lambda e: object_names(root, e), items):
-                counts.update(names)
-    else:
-        for entry in items:
-            counts.update(object_names(root, entry))
+    for names in read_each(root, lambda e: object_names(root, e), items):
+        counts.update(names)
     return dict(counts)
+
+
+REMOTE_READERS = 16  # threads that read a remote root's files: each read is a round trip
+
+
+def read_each(root: DataRoot, read: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``read`` of every item, in order: by :data:`REMOTE_READERS` threads where ``root``
+    is remote, one after the other where it is a local folder."""
+    if not root.remote:
+        return [read(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(REMOTE_READERS) as pool:
+        return list(pool.map(read, items))

@@ -15,6 +15,7 @@ cost each of those processes 4-6 CPU seconds before the first batch (see
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,29 +55,33 @@ def decode_batch(
 
     root = as_root(root)
     seeded = AUG_SEED in batch.column_names
-    batch_rng = None if seeded else np.random.default_rng(0)
-    seeds = batch.column(AUG_SEED).to_pylist() if seeded else [None] * batch.num_rows
-    labels, difficult = batch.column("labels").to_pylist(), batch.column("difficult").to_pylist()
+    if seeded:
+        rngs = (_row_rng(seed) for seed in batch.column(AUG_SEED).to_pylist())
+    else:
+        rngs = itertools.repeat(np.random.default_rng(0))
+    kept_rows: dict[int, np.ndarray] = {}  # row -> the boxes a crop kept, where it dropped some
     images, shapes, boxes_out = [], [], []
-    for n, (image, flat_boxes) in enumerate(zip(
-        batch.column("image_file").to_pylist(), batch.column("boxes").to_pylist(), strict=True
+    for n, (image, flat_boxes, rng) in enumerate(zip(
+        batch.column("image_file").to_pylist(), batch.column("boxes").to_pylist(), rngs, strict=False
     )):
         with Image.open(root.open(image)) as img:
             pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # HWC -> CHW
         boxes = np.asarray(flat_boxes, dtype=np.float32).reshape(-1, 4)
-        pixels, boxes, kept = augment_image(pixels, boxes, batch_rng or _row_rng(seeds[n]), augment, hflip_prob, size)
-        if kept is not None:  # boxes left outside a crop: their labels go too
-            labels[n] = [labels[n][k] for k in kept]
-            difficult[n] = [difficult[n][k] for k in kept]
+        pixels, boxes, kept = augment_image(pixels, boxes, rng, augment, hflip_prob, size)
+        if kept is not None and len(kept) < len(flat_boxes) // 4:
+            kept_rows[n] = kept
         images.append(np.ascontiguousarray(pixels).tobytes())
         shapes.append(list(pixels.shape))
         boxes_out.append(boxes.reshape(-1).tolist())
-    schema = batch.schema
+    out = batch.drop_columns(["boxes", *([AUG_SEED] if seeded else [])])
+    for name in ("labels", "difficult") if kept_rows else ():  # boxes left outside a crop: their labels go too
+        values = out.column(name).to_pylist()
+        for n, kept in kept_rows.items():
+            values[n] = [values[n][k] for k in kept]
+        field = out.schema.field(name)
+        out = out.set_column(out.schema.get_field_index(name), field, pa.array(values, type=field.type))
     return (
-        batch.drop_columns(["boxes", "labels", "difficult", *([AUG_SEED] if seeded else [])])
-        .append_column("boxes", pa.array(boxes_out, type=pa.list_(pa.float32())))
-        .append_column(schema.field("labels"), pa.array(labels, type=schema.field("labels").type))
-        .append_column(schema.field("difficult"), pa.array(difficult, type=schema.field("difficult").type))
+        out.append_column("boxes", pa.array(boxes_out, type=pa.list_(pa.float32())))
         .append_column("image", pa.array(images, type=pa.binary()))
         .append_column("image_shape", pa.array(shapes, type=pa.list_(pa.int32())))
     )

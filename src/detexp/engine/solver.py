@@ -37,12 +37,11 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
         raise ConfigError(f"schedule.lr_steps={list(schedule.lr_steps)} must be increasing")
     if not 0 < schedule.warmup_factor <= 1:
         raise ConfigError(f"schedule.warmup_factor={schedule.warmup_factor} must be in (0, 1]")
-    low, high = USUAL_LR[str(optimizer.name)]
+    low, high, source = USUAL_LR[str(optimizer.name)]
     if not low <= optimizer.lr <= high:
         log.warning(
             "optimizer.lr=%g is far %s what %s trains a detector with (%g to %g: %s); is optimizer=%s the one you meant?",
-            optimizer.lr, "above" if optimizer.lr > high else "below", optimizer.name, low, high,
-            USUAL_LR_SOURCES[str(optimizer.name)], optimizer.name,
+            optimizer.lr, "above" if optimizer.lr > high else "below", optimizer.name, low, high, source, optimizer.name,
         )
     late = [s for s in schedule.lr_steps if s >= schedule.epochs]
     if schedule.name == "multistep" and late:
@@ -55,10 +54,9 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
 
 # The learning rates detection recipes train each optimizer with, widened a few times each
 # way: outside them a run diverges or barely moves (a warning names it, nothing is refused).
-USUAL_LR = {"sgd": (1e-4, 0.1), "adamw": (1e-5, 5e-3)}
-USUAL_LR_SOURCES = {
-    "sgd": "torchvision's references 0.02 for 16 images a step, its fine-tuning tutorial 0.005 for 2",
-    "adamw": "detexp's CPU demo 1e-3 from random weights, 1e-4 to fine-tune",
+USUAL_LR = {
+    "sgd": (1e-4, 0.1, "torchvision's references 0.02 for 16 images a step, its fine-tuning tutorial 0.005 for 2"),
+    "adamw": (1e-5, 5e-3, "detexp's CPU demo 1e-3 from random weights, 1e-4 to fine-tune"),
 }
 
 
