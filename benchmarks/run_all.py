@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,11 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "memory_growth_ratio": ("<=", 1.2, "issue"),
     "default_run_s": ("<=", 360.0, "issue"),  # 6 minutes on 2 cores (the README says about 5)
     "default_map_50": (">=", 0.6, "issue"),  # in every run
+    "first_step_s": ("<=", 20.0, "issue"),
+    "tune_trial_startup_s": ("<=", 15.0, "issue"),
+    "tune_efficiency": (">=", 0.7, "issue"),
+    "multirun_job_startup_s": ("<=", 15.0, "issue"),
+    "multirun_efficiency": (">=", 0.7, "issue"),
 }
 
 
@@ -565,6 +571,36 @@ def measure_memory_growth(b: Bench) -> tuple[Values, Details]:
     }
 
 
+def _detexp(cwd: Path, args: list[str], log_name: str) -> tuple[float, list[str]]:
+    """``python -m detexp ARGS`` as a subprocess in ``cwd`` with its own Ray (no
+    RAY_ADDRESS, no MLFLOW_TRACKING_URI): its wall-clock seconds, Python start-up to exit,
+    and its last lines; raises with them when it fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    output = cwd / log_name
+    started = time.perf_counter()
+    with output.open("w") as out:
+        proc = subprocess.run([sys.executable, "-m", "detexp", *args], cwd=cwd, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=3 * 3600)
+    seconds = time.perf_counter() - started
+    tail = output.read_text(errors="replace").splitlines()[-15:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit status {proc.returncode}; last lines:\n" + "\n".join(tail))
+    return seconds, tail
+
+
+def _runs(uri: str, experiment: str, parent: bool | None = None) -> list[Any]:
+    """The MLflow runs of ``experiment``, oldest first; ``parent`` True: only sweep parents,
+    False: only their children (None: all)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+    if parent is None:
+        return runs
+    return [r for r in runs if ("mlflow.parentRunId" in r.data.tags) != parent]
+
+
 def measure_default_run(b: Bench) -> tuple[Values, Details]:
     """``default_run_s`` and ``default_map_50``: ``python -m detexp train`` with no other
     change than ``dataset.cache_dir`` (an empty temp folder, so generating the shapes
@@ -577,31 +613,116 @@ def measure_default_run(b: Bench) -> tuple[Values, Details]:
 
     cwd = b.folder("default-run")
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "detexp", "train", f"dataset.cache_dir={cwd / 'cache'}", f"tracking.uri={uri}",
-           *b.default_run_extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    output = cwd / "output.log"
-    started = time.perf_counter()
-    with output.open("w") as out:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=3 * 3600)
-    seconds = time.perf_counter() - started
-    tail = output.read_text(errors="replace").splitlines()[-15:]
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit status {proc.returncode}; last lines:\n" + "\n".join(tail))
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("detexp")
-    run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
-    history = sorted(client.get_metric_history(run.info.run_id, "val/map_50"), key=lambda m: m.step)
+    args = ["train", f"dataset.cache_dir={cwd / 'cache'}", f"tracking.uri={uri}", *b.default_run_extra]
+    seconds, tail = _detexp(cwd, args, "output.log")
+    run = _runs(uri, "detexp")[-1]
+    history = sorted(MlflowClient(uri).get_metric_history(run.info.run_id, "val/map_50"), key=lambda m: m.step)
     if not history:
         raise RuntimeError("the run logged no val/map_50")
     return {"default_run_s": seconds, "default_map_50": history[-1].value}, {
-        "command": shlex.join(["python", *cmd[1:]]),
+        "command": shlex.join(["python", "-m", "detexp", *args]),
         "map_50_by_epoch": [m.value for m in history],
         "epochs": len(history),
+        "first_step_s": run.data.metrics.get("time/first_step_s"),  # a first-time user's: data made, store new
         "run_id": run.info.run_id,
         "last_lines": tail,
         "extra_overrides": b.default_run_extra or None,
     }
+
+
+class SweepBench:
+    """What the start-up and sweep measurements share: one folder with the shapes data and
+    an MLflow store made beforehand (as after a user's first run), each command a
+    subprocess with its own Ray and its own MLflow experiment."""
+
+    def __init__(self, b: Bench):
+        self.cwd = b.folder("sweeps")
+        self.cache, self.uri = self.cwd / "cache", f"sqlite:///{self.cwd / 'mlflow.db'}"
+        if not self.cache.exists():
+            from mlflow.tracking import MlflowClient
+
+            from detexp.data.source import dataset_root
+
+            dataset_root(compose([f"dataset.cache_dir={self.cache}"]).dataset)
+            MlflowClient(self.uri).search_experiments()  # creates the store's tables
+
+    def run(self, command: list[str], experiment: str) -> tuple[float, str, list[str]]:
+        """(wall seconds, the command as typed, last lines) of ``python -m detexp COMMAND``."""
+        args = [*command, f"dataset.cache_dir={self.cache}", f"tracking.uri={self.uri}",
+                f"tracking.experiment={experiment}", f"hydra.run.dir={self.cwd / experiment}",
+                f"hydra.sweep.dir={self.cwd / experiment}"]
+        seconds, tail = _detexp(self.cwd, args, f"{experiment}.log")
+        return seconds, shlex.join(["python", "-m", "detexp", *args]), tail
+
+    def efficiency(self, experiment: str, seconds: float) -> tuple[float | None, float, dict[str, Any]]:
+        """(median start-up of the sweep's runs, their summed training seconds / ``seconds``,
+        details) from the children's MLflow metrics."""
+        children = _runs(self.uri, experiment, parent=False)
+        if not children:
+            raise RuntimeError(f"no run of the sweep reached MLflow experiment {experiment}")
+        starts = [r.data.metrics.get("time/first_step_s") for r in children]
+        train_s = [_summed(self.uri, r.info.run_id, "train/epoch_s") for r in children]
+        known = [s for s in starts if s is not None]
+        parent = _runs(self.uri, experiment, parent=True)
+        return (statistics.median(known) if known else None), sum(train_s) / seconds, {
+            "runs": len(children), "first_step_s": starts, "train_s": train_s, "wall_s": seconds,
+            "reported_by_the_sweep": {k: v for k, v in parent[-1].data.metrics.items()
+                                      if k.startswith(("tune/", "sweep/"))} if parent else None,
+        }
+
+
+def _summed(uri: str, run_id: str, key: str) -> float:
+    from mlflow.tracking import MlflowClient
+
+    return sum(m.value for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+SWEEP_EPOCHS = ["schedule.epochs=1", "schedule.lr_steps=[]"]  # one epoch of the default recipe per run
+
+
+def measure_first_step(b: Bench) -> tuple[Values, Details]:
+    """``first_step_s``: ``python -m detexp train`` of one epoch (subprocess, its own Ray;
+    the shapes data and the MLflow store exist, as for every run after a user's first):
+    seconds from the process's creation to the end of its first training step, as the run
+    logs it (``time/first_step_s``: the worker's wall clock at that step minus the
+    driver's process creation time)."""
+    sweep = SweepBench(b)
+    seconds, command, tail = sweep.run(["train", *SWEEP_EPOCHS, "eval_at_end=false"], "bench-first-step")
+    run = _runs(sweep.uri, "bench-first-step")[-1]
+    first = run.data.metrics.get("time/first_step_s")
+    if first is None:
+        raise RuntimeError("the run logged no time/first_step_s")
+    return {"first_step_s": first}, {"command": command, "wall_s": seconds, "last_lines": tail}
+
+
+def measure_tune_sweep(b: Bench) -> tuple[Values, Details]:
+    """``tune_trial_startup_s`` and ``tune_efficiency``: ``python -m detexp tune`` of 4
+    trials, each one epoch of the default recipe (subprocess, its own Ray, data and store
+    made beforehand). Start-up: the median over trials of the seconds from Tune starting
+    the trial to the end of its first training step (each trial's ``time/first_step_s``).
+    Efficiency: the trials' summed ``train/epoch_s`` (the training steps, their data waits
+    included) over the command's wall-clock seconds, Python start-up to exit."""
+    sweep = SweepBench(b)
+    seconds, command, tail = sweep.run(
+        ["tune", "tune.num_samples=4", "tune.grace_period=1", *SWEEP_EPOCHS], "bench-tune")
+    startup, efficiency, details = sweep.efficiency("bench-tune", seconds)
+    return {"tune_trial_startup_s": startup, "tune_efficiency": efficiency}, {
+        "command": command, **details, "last_lines": tail}
+
+
+def measure_multirun(b: Bench) -> tuple[Values, Details]:
+    """``multirun_job_startup_s`` and ``multirun_efficiency``: ``python -m detexp train -m``
+    over three learning rates, each job one epoch of the default recipe (subprocess, its own
+    Ray, data and store made beforehand). Start-up: the median over jobs of each job's
+    ``time/first_step_s`` (the first job's counts from the process's creation, a later job's
+    from its own start). Efficiency: the jobs' summed ``train/epoch_s`` over the command's
+    wall-clock seconds."""
+    sweep = SweepBench(b)
+    seconds, command, tail = sweep.run(
+        ["train", "-m", "optimizer.lr=5e-4,1e-3,2e-3", *SWEEP_EPOCHS], "bench-multirun")
+    startup, efficiency, details = sweep.efficiency("bench-multirun", seconds)
+    return {"multirun_job_startup_s": startup, "multirun_efficiency": efficiency}, {
+        "command": command, **details, "last_lines": tail}
 
 
 # key(s) -> measurement; in-process ones (one shared Ray) first, then the subprocess one.
@@ -612,6 +733,9 @@ MEASUREMENTS: list[tuple[tuple[str, ...], Callable[[Bench], tuple[Values, Detail
     (("parse_11k_s",), measure_parse, True),
     (("map_5k_s",), measure_map, True),
     (("coco_parse_100k_s",), measure_coco_parse, True),
+    (("first_step_s",), measure_first_step, False),
+    (("tune_trial_startup_s", "tune_efficiency"), measure_tune_sweep, False),
+    (("multirun_job_startup_s", "multirun_efficiency"), measure_multirun, False),
     (("default_run_s", "default_map_50"), measure_default_run, False),
 ]
 KEYS = [key for keys, _, _ in MEASUREMENTS for key in keys]

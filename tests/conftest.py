@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,8 +67,8 @@ def compose_train(overrides: list[str] | None = None, config_name: str = "train"
 @pytest.fixture(scope="session")
 def trained_smoke(ray_cluster, shapes_cache, tmp_path_factory) -> SimpleNamespace:
     """ONE smoke training run (about a minute) with its own SQLite store, shared by
-    test_eval and test_ui: ``root``, ``uri``, ``cfg``, ``result`` (what ``train`` returned)
-    and ``first_epoch`` (the first epoch's checkpoint)."""
+    test_eval and test_ui: ``root``, ``uri``, ``cfg``, ``result`` (what ``train`` returned),
+    ``first_epoch`` (the first epoch's checkpoint) and ``seconds`` (the call's)."""
     from detexp.commands.train import train
 
     root = tmp_path_factory.mktemp("trained")
@@ -83,6 +84,7 @@ def trained_smoke(ray_cluster, shapes_cache, tmp_path_factory) -> SimpleNamespac
     level = logger.level
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
+    started = time.perf_counter()
     try:
         result = train(cfg, root / "train", overrides)
     finally:
@@ -91,6 +93,7 @@ def trained_smoke(ray_cluster, shapes_cache, tmp_path_factory) -> SimpleNamespac
     first_epoch = sorted((root / "train" / "checkpoints" / "train").glob("checkpoint_*"))[0]
     return SimpleNamespace(
         root=root, uri=uri, cfg=cfg, overrides=overrides, result=result, first_epoch=first_epoch, log=lines.messages,
+        seconds=time.perf_counter() - started,
     )
 
 

@@ -97,32 +97,44 @@ def test_ray_datasource_reads_rows_and_reports_broken_ones(ray_cluster, tmp_path
 
 
 def test_what_rays_control_actors_and_decode_tasks_run_does_not_import_torch(ray_cluster, tmp_path):
-    """Ray Train's controller unpickles the report callback and the dataset split, its
-    DatasetManager and SplitCoordinators the datasets' plans (read tasks, decode_batch),
+    """Ray Train's controller unpickles what the trainer hands it (the run's settings with
+    the worker plan and the process-group backend, the report callback, the dataset split),
+    its DatasetManager and SplitCoordinators the datasets' plans (read tasks, decode_batch),
     and Ray Data's tasks decode (with the training flip), each in a fresh process and
     before the first step: a torch import there costs every run seconds of start-up on a
     small machine."""
     import ray.cloudpickle
+    from ray.util.queue import Queue
 
-    from detexp.distributed.controller import ForwardReports, ValidationNotDropped
+    from detexp.checkpoint.storage import storage_location
+    from detexp.config import plain
+    from detexp.distributed.controller import ForwardReports
+    from detexp.distributed.plan import WorkerPlan
+    from detexp.distributed.trainer import torch_trainer
 
     _write_voc(tmp_path, "000", size=(40, 32), box=(2, 2, 20, 20))
     _write_voc(tmp_path, "001", size=(40, 32), box=(2, 2, 20, 20))
     cfg = compose_train(["dataset=voc", f"dataset.root={tmp_path}", "dataset.classes=[block]", "dataset.val_fraction=0.5"])
     datasets, _, _ = _load_datasets(cfg, resolve(cfg.dataset))
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = torch_trainer(WorkerPlan(cfg=plain(cfg), events=queue), datasets, cfg.scaling,
+                            storage_location(None, tmp_path / "run"), keep=1, callbacks=[ForwardReports(queue)])
     pickled = tmp_path / "controller.pkl"
+    # the TrainController's own arguments, as DataParallelTrainer.fit() passes them
     pickled.write_bytes(ray.cloudpickle.dumps(
-        (datasets, ForwardReports(None), ValidationNotDropped())
+        (datasets, trainer.train_run_context, trainer._create_default_callbacks())
     ))
     code = (
         "import pickle, sys, ray; ray.init(address='auto', logging_level='ERROR');"
-        f"datasets, _, _ = pickle.loads(open({str(pickled)!r}, 'rb').read());"
+        f"datasets, context, callbacks = pickle.loads(open({str(pickled)!r}, 'rb').read());"
         "from detexp.data.annotations import _read_annotations; from detexp.data.pipeline import decode_batch;"
         f"decode_batch(_read_annotations({str(tmp_path)!r}, ['000', '001'], ('block',)), {str(tmp_path)!r}, 1.0);"
-        "print(sorted(datasets), 'torch' in sys.modules, 'torchvision' in sys.modules)"
+        "print(sorted(datasets), type(context.train_loop_config).__name__, len(callbacks) > 3,"
+        " 'torch' in sys.modules, 'torchvision' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "['train', 'val'] False False", out.stdout + out.stderr
+    ray.kill(queue.actor)
+    assert out.stdout.strip().splitlines()[-1] == "['train', 'val'] WorkerPlan True False False", out.stdout + out.stderr
 
 
 def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):

@@ -62,6 +62,20 @@ def test_system_metrics_are_recorded_while_training(trained_smoke):
     assert history and all(m.value > 0 for m in history)
 
 
+def test_the_run_says_and_logs_how_long_its_first_training_step_took_to_come(trained_smoke):
+    """What every run pays before it trains (Ray, the workers, the first batch): said once
+    and logged as ``time/first_step_s``, from the call of ``train`` to the end of the
+    first step, so within the seconds the call took and before its last epoch began."""
+    run = _run(trained_smoke)
+    first = run.data.metrics["time/first_step_s"]
+    lines = [m for m in trained_smoke.log if m.startswith("the first training step ended ")]
+    assert lines == [f"the first training step ended {first:.1f} s after the start"], lines
+    epochs = MlflowClient(tracking_uri=trained_smoke.uri).get_metric_history(run.info.run_id, "train/epoch_s")
+    assert len(epochs) == 2
+    assert 1 < first < trained_smoke.seconds - epochs[-1].value
+    assert trained_smoke.result["first_step_s"] == first
+
+
 def test_best_model_is_registered_with_a_signature_and_loads_with_mlflow(trained_smoke):
     client = MlflowClient(tracking_uri=trained_smoke.uri)
     assert trained_smoke.result["registered_model"] == "models:/shapes/1"

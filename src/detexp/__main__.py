@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,42 +59,36 @@ def _run_train(cfg: DictConfig) -> dict:
     overrides = list(hc.overrides.task)
     if not cfg.tracking.run_name:  # a sweep's job is named by its values of the swept keys
         cfg.tracking.run_name = child_run_name(overrides)
-    return train(cfg, hc.runtime.output_dir, overrides, tags=parent_tags())
+    return train(cfg, hc.runtime.output_dir, overrides, tags=parent_tags(), started_at=_job_started_at())
 
 
-def _run_tune(cfg: DictConfig) -> dict:
-    from detexp.commands.tune import tune
-
-    hc = HydraConfig.get()
-    return tune(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+_jobs_started = 0
 
 
-def _run_eval(cfg: DictConfig) -> dict:
-    from detexp.commands.evaluate import evaluate
+def _job_started_at() -> float:
+    """When this train job started: the process's start for the first job (imports and
+    Hydra count), this moment for a later job of a ``-m`` sweep (it reuses them)."""
+    global _jobs_started
+    _jobs_started += 1
+    if _jobs_started > 1:
+        return time.time()
+    import psutil
 
-    hc = HydraConfig.get()
-    return evaluate(cfg, hc.runtime.output_dir, list(hc.overrides.task))
-
-
-def _run_predict(cfg: DictConfig) -> dict:
-    from detexp.commands.predict import predict
-
-    hc = HydraConfig.get()
-    return predict(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    return psutil.Process().create_time()
 
 
-def _run_export(cfg: DictConfig) -> dict:
-    from detexp.commands.export import export
+def _in_run_dir(module: str, function: str) -> Callable[[DictConfig], object]:
+    """A command that takes (config, Hydra's run directory, the command line's overrides):
+    ``detexp.commands.<module>.<function>``, imported when the command runs."""
 
-    hc = HydraConfig.get()
-    return export(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    def run(cfg: DictConfig) -> object:
+        import importlib
 
+        hc = HydraConfig.get()
+        command = getattr(importlib.import_module(f"detexp.commands.{module}"), function)
+        return command(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
-def _run_serve(cfg: DictConfig) -> dict:
-    from detexp.commands.serve import serve
-
-    hc = HydraConfig.get()
-    return serve(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    return run
 
 
 def _run_data_check(cfg: DictConfig) -> int:
@@ -120,11 +115,11 @@ def _run_data_synth(cfg: DictConfig):
 # command words -> (config name, function of the composed config)
 COMMANDS: dict[tuple[str, ...], tuple[str, Callable[[DictConfig], object]]] = {
     ("train",): ("train", _run_train),
-    ("tune",): ("tune", _run_tune),
-    ("eval",): ("eval", _run_eval),
-    ("predict",): ("predict", _run_predict),
-    ("export",): ("export", _run_export),
-    ("serve",): ("serve", _run_serve),
+    ("tune",): ("tune", _in_run_dir("tune", "tune")),
+    ("eval",): ("eval", _in_run_dir("evaluate", "evaluate")),
+    ("predict",): ("predict", _in_run_dir("predict", "predict")),
+    ("export",): ("export", _in_run_dir("export", "export")),
+    ("serve",): ("serve", _in_run_dir("serve", "serve")),
     ("data", "check"): ("train", _run_data_check),
     ("data", "show"): ("data_show", _run_data_show),
     ("data", "synth"): ("synth", _run_data_synth),

@@ -11,3 +11,6 @@ IMPROVED = "improved"  # the epoch just trained is the new best by schedule.moni
 STOPPED_EARLY = "stopped_early"  # patience ran out after it (the last report of the run)
 BEST_EPOCH = "best/epoch"
 BEST_VALUE = "best/value"
+# Wall-clock time (time.time()) at which the epoch's first training step ended: the driver
+# turns the first one it gets into the run's start-up, ``time/first_step_s``.
+FIRST_STEP_AT = "first_step_at"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ class _Sweep:
     swept: tuple[str, ...] = ()  # the keys the sweep varies, as Hydra parsed them
     rows: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
 
 _current: _Sweep | None = None  # the sweep of this process, while one runs
@@ -107,6 +110,8 @@ class MultirunTracking(Callback):
                 best_epoch=result.get("best/epoch"),
                 epochs=result.get("epochs_trained"),
                 run_id=result.get("run_id"),
+                first_step_s=result.get("first_step_s"),
+                train_s=result.get("train_s"),
             )
         else:
             error = job_return._return_value
@@ -176,6 +181,11 @@ def finish_sweep(interrupted: bool = False) -> None:
     for path in write_summary(sweep.rows, sweep.metric, sweep.sweep_dir):
         sweep.tracker.log_artifact(path)
     best = _log_best(sweep)
+    efficiency = sweep_efficiency(
+        sum(r.get("train_s") or 0.0 for r in sweep.rows), time.perf_counter() - sweep.started,
+        [r["first_step_s"] for r in sweep.rows if r.get("first_step_s") is not None], "job",
+    )
+    sweep.tracker.log_metrics({f"sweep/{k}": v for k, v in efficiency.items()}, step=0)
     failed = sum(1 for r in sweep.rows if r["status"] != "FINISHED")
     status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
     sweep.tracker.end(status)
@@ -184,3 +194,17 @@ def finish_sweep(interrupted: bool = False) -> None:
         len(sweep.rows), failed, sweep.sweep_dir / "sweep_summary.md",
         f"; best {sweep.metric} {best['best_value']:.4f} with {best['overrides']} (run {best['run_id']})" if best else "",
     )
+
+
+def sweep_efficiency(train_s: float, wall_s: float, first_steps: list[float], unit: str) -> dict[str, float]:
+    """A sweep's use of its time, said in one line and returned as metrics: the seconds its
+    runs spent in training steps, that share of the sweep's wall-clock time, and the median
+    start-up of a run (``unit``: job or trial)."""
+    values = {"train_s": train_s, "efficiency": train_s / wall_s if wall_s > 0 else 0.0}
+    if first_steps:
+        values[f"{unit}_first_step_s"] = statistics.median(first_steps)
+    log.info(
+        "the sweep trained for %.0f s of its %.0f s (efficiency %.2f)%s", train_s, wall_s, values["efficiency"],
+        f"; median start-up of a {unit} (to its first step) {values[f'{unit}_first_step_s']:.1f} s" if first_steps else "",
+    )
+    return values

@@ -44,7 +44,7 @@ from detexp.errors import ConfigError, DetexpError, TrainingDivergedError, Worke
 from detexp.tracking.progress import EPOCH_KEY, EpochProgress, summary_table
 
 if TYPE_CHECKING:
-    from detexp.distributed.worker_loop import WorkerPlan
+    from detexp.distributed.plan import WorkerPlan
     from detexp.tracking.mlflow_runs import Tracker
 
 log = logging.getLogger("detexp")
@@ -118,6 +118,7 @@ def train(
     tags: Mapping[str, str] | None = None,
     live_progress: bool = True,
     record_reports: bool = True,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says, writing checkpoints and the resolved config into
     ``run_dir`` and everything into one MLflow run. Returns the last epoch's metrics
@@ -129,13 +130,15 @@ def train(
     to the MLflow run (``mlflow.parentRunId`` for a run of a sweep); ``live_progress``
     shows rank 0's steps during each epoch (a Tune trial turns it off); ``record_reports``
     False leaves each epoch's metrics for the caller to log into the run (a Tune trial's
-    are logged by the tune driver, which outlives the trial).
+    are logged by the tune driver, which outlives the trial). ``started_at``
+    (``time.time()``): when the run started, for its ``time/first_step_s`` (None: now).
 
     With ``cfg.resume`` and a ``run_dir`` that holds checkpoints, training continues
     after the last checkpoint (model, optimizer, schedule) in the same MLflow run;
     without it such a ``run_dir`` is refused rather than overwritten. Raises
     :class:`TrainingDivergedError` when the loss becomes NaN/inf (the MLflow run is then
     FAILED and the last good checkpoint stays)."""
+    started_at = time.time() if started_at is None else started_at
     check_train_config(cfg)
     fits_anchors = _fits_anchors(cfg.model)
     source = find_data(cfg)
@@ -147,7 +150,7 @@ def train(
         raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
     datasets, counts = _start_ray_and_read(run, source)
     run_id = _open_tracking(run, counts)
-    progress, best_model = _driver_views(run, callbacks, record_reports=record_reports)
+    progress, best_model = _driver_views(run, callbacks, record_reports=record_reports, started_at=started_at)
     if run.previous is not None:
         log.info(
             "resuming from the checkpoint of epoch %d/%d (%s): training continues with epoch %d/%d "
@@ -340,8 +343,8 @@ def _open_tracking(run: TrainRun, counts: dict[str, int]) -> str:
     return run_id
 
 
-def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback], *,
-                  record_reports: bool = True) -> tuple[EpochProgress, BestModelFile]:
+def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback], *, record_reports: bool = True,
+                  started_at: float | None = None) -> tuple[EpochProgress, BestModelFile]:
     """The console/MLflow progress and the run's ``model_best.pt``, both brought up to date
     with the checkpoints a resumed run keeps. Call after the MLflow run has started."""
     cfg = run.cfg
@@ -349,7 +352,7 @@ def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback], *,
         run.tracker, epochs=cfg.schedule.epochs, max_failures=cfg.scaling.max_failures,
         logged=run.tracker.logged_steps(EPOCH_KEY), previous=run.previous.metrics if run.previous else None,
         callbacks=callbacks, monitor=cfg.schedule.monitor, progress_every_s=cfg.progress_every_s,
-        record_reports=record_reports,
+        record_reports=record_reports, started_at=started_at,
     )
     best_model = BestModelFile(run.dir)
     if run.previous is not None:
@@ -362,7 +365,7 @@ def _driver_views(run: TrainRun, callbacks: Sequence[EpochCallback], *,
 def _worker_plan(run: TrainRun, source: DataSource, counts: dict[str, int]) -> WorkerPlan:
     from detexp.commands.evaluate import GRID_IMAGES
     from detexp.distributed.cluster import share_files
-    from detexp.distributed.worker_loop import WorkerPlan
+    from detexp.distributed.plan import WorkerPlan
 
     cfg = run.cfg
     rows_per_worker = counts["data/train_images"] // cfg.scaling.num_workers
@@ -426,6 +429,7 @@ def _finish(run: TrainRun, run_id: str, checkpoint, progress: EpochProgress) -> 
         **metrics, "run_id": run_id, "checkpoint": str(final) if final else None,
         "best_checkpoint": str(best) if best else None, "epochs_trained": int(metrics.get(EPOCHS_DONE, 0)),
         "stop_reason": reason, "registered_model": "models:/{}/{}".format(*registered) if registered else None,
+        "first_step_s": progress.first_step_s, "train_s": progress.train_s,
     }
 
 

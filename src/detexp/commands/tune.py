@@ -36,9 +36,9 @@ from ray.tune import Callback
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig, plain
 from detexp.data.files import is_uri
-from detexp.epoch_report import DIVERGED, EPOCH
+from detexp.epoch_report import DIVERGED, EPOCH, FIRST_STEP_AT
 from detexp.errors import ConfigError, ResourceError
-from detexp.tracking.progress import EPOCH_KEY, best_key, epoch_values
+from detexp.tracking.progress import EPOCH_KEY, FIRST_STEP_KEY, best_key, epoch_values
 
 log = logging.getLogger("detexp")
 
@@ -339,8 +339,12 @@ class TrialWatcher(Callback):
         self.history: dict[str, list[tuple[int, float]]] = {}  # trial id -> (epoch, metric value)
         self.stopped: set[str] = set()
         self.order: dict[str, int] = {}
+        self.started_at: dict[str, float] = {}  # trial id -> time.time() when Tune (last) started it
+        self.first_step_s: dict[str, float] = {}  # trial id -> its start-up: start to first step's end
+        self.train_s = 0.0  # seconds all trials spent in training steps
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started_at[trial.trial_id] = time.time()
         self.order.setdefault(trial.trial_id, len(self.order) + 1)
         log.info("trial %s (%d/%d) started: %s", trial.trial_id, self.order[trial.trial_id], self.num_samples,
                  " ".join(f"{k}={v}" for k, v in trial.config.items()))
@@ -348,6 +352,8 @@ class TrialWatcher(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if EPOCH in result and DIVERGED not in result:
             self._record(trial.trial_id, result)
+            self.train_s += float(result.get("train/epoch_s", 0.0))
+            self._note_first_step(trial.trial_id, result)
         value = result.get(self.metric)
         if value is None or EPOCH not in result:
             return
@@ -369,6 +375,18 @@ class TrialWatcher(Callback):
     def results_seen(self) -> int:
         """Results with the metric so far, of all trials: the parent run's step for its best so far."""
         return sum(len(h) for h in self.history.values())
+
+    def _note_first_step(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """The trial's start-up (from Tune starting it to its first step's end) into its run."""
+        at, started = result.get(FIRST_STEP_AT), self.started_at.get(trial_id)
+        if at is None or started is None or trial_id in self.first_step_s:
+            return
+        self.first_step_s[trial_id] = seconds = max(0.0, float(at) - started)
+        log.info("trial %s: its first training step ended %.1f s after it started", trial_id, seconds)
+        run_id = _trial_run_id(self.run_dir, trial_id)
+        if run_id is not None:
+            with contextlib.suppress(Exception):  # a store hiccup must not stop the search
+                self.tracker.log_metrics({FIRST_STEP_KEY: seconds}, step=0, run_id=run_id)
 
     def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """The result's epoch into the trial's child run, once (a restored search skips
@@ -427,7 +445,7 @@ def _summary_rows(run: TuneRun, grid, watcher: TrialWatcher) -> list[dict[str, A
 def _finish(run: TuneRun, grid, watcher: TrialWatcher, seconds: float) -> dict[str, Any]:
     """The summary tables, ``best_config.yaml`` and the parent run's tags and metrics; the
     parent run ends (FAILED when no trial reported the metric)."""
-    from detexp.commands.multirun import write_summary
+    from detexp.commands.multirun import sweep_efficiency, write_summary
 
     t, tracker = run.settings, run.tracker
     rows = _summary_rows(run, grid, watcher)
@@ -444,8 +462,9 @@ def _finish(run: TuneRun, grid, watcher: TrialWatcher, seconds: float) -> dict[s
     tracker.log_artifact(best_path)
     tracker.set_tags({"detexp.best_trial": best["job"], "detexp.best_child": best["run_id"] or "",
                       "detexp.best_overrides": best["overrides"]})
-    tracker.log_metrics({"tune/trials": len(rows), "tune/stopped_early": len(watcher.stopped), "tune/seconds": seconds},
-                        step=0)
+    efficiency = sweep_efficiency(watcher.train_s, seconds, list(watcher.first_step_s.values()), "trial")
+    tracker.log_metrics({"tune/trials": len(rows), "tune/stopped_early": len(watcher.stopped), "tune/seconds": seconds,
+                         **{f"tune/{k}": v for k, v in efficiency.items()}}, step=0)
     # after every best-so-far the watcher logged: the latest value is the search's best
     tracker.log_metrics({best_key(t.metric): best["best_value"], t.metric: best["best_value"]},
                         step=watcher.results_seen)

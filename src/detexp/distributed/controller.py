@@ -1,20 +1,81 @@
-"""What runs inside Ray Train's controller process: the dataset split and the callback
-that hands reports and worker failures to the driver.
+"""What runs inside Ray Train's controller process: the dataset split, the process group
+of the workers and the callback that hands reports and worker failures to the driver.
 
-Ray unpickles these objects in the controller, and their dataset plan in its
-DatasetManager and SplitCoordinator actors, by importing the modules that define them.
-This module, like :mod:`detexp.data.pipeline`, must not import torch at module level: in
-those three processes a torch import costs seconds of CPU each, while nothing else can
-start, and the first training step waits for them (benchmarks/RESULTS.md).
-``tests/test_pipeline.py`` unpickles them in a fresh process and checks that no torch was loaded.
+Ray unpickles these objects in the controller (with the run's
+:class:`~detexp.distributed.plan.WorkerPlan`), and their dataset plan in its DatasetManager
+and SplitCoordinator actors, by importing the modules that define them. This module, like
+:mod:`detexp.data.pipeline`, must not import torch at module level: in those three
+processes a torch import costs seconds of CPU each, while nothing else can start, and the
+first training step waits for them (benchmarks/RESULTS.md). ``tests/test_pipeline.py``
+unpickles what the controller of a real trainer gets in a fresh process and checks that no
+torch was loaded.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from ray.train import DataConfig, UserCallback
+from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.util import TrainingFramework
 from ray.util.queue import Queue
+
+
+@dataclass
+class ProcessGroupConfig(BackendConfig):
+    """Ray's ``TorchConfig`` (the same fields), without its module's torch import in the
+    controller: a worker group of two or more gets the torch process group Ray's torch
+    backend sets up (imported then), a group of one gets none, as it has no one to talk to
+    (Ray's would start a gloo group whose TCP thread wakes 100 times a second). Elastic
+    training decides again at every restart, by the size of the new group."""
+
+    backend: str | None = None  # None: nccl with GPUs, else gloo (TorchTrainer fills it in)
+    init_method: str = "env"
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self):
+        return _ProcessGroup
+
+    @property
+    def train_func_context(self):  # read on the driver, run in the workers
+        from ray.train.torch.config import TorchConfigContextManager
+
+        return TorchConfigContextManager
+
+    @property
+    def framework(self):
+        return TrainingFramework.TORCH
+
+    def torch_config(self):
+        from ray.train.torch.config import TorchConfig
+
+        return TorchConfig(backend=self.backend, init_method=self.init_method, timeout_s=self.timeout_s)
+
+
+class _ProcessGroup(Backend):
+    """Ray's torch backend, called for worker groups of two or more only."""
+
+    share_cuda_visible_devices = True  # as Ray's torch backend: NCCL between GPUs of one node
+
+    @staticmethod
+    def _torch_backend():
+        from ray.train.torch.config import _TorchBackend
+
+        return _TorchBackend()
+
+    def on_start(self, worker_group, backend_config: ProcessGroupConfig):
+        if len(worker_group) > 1:
+            self._torch_backend().on_start(worker_group, backend_config.torch_config())
+
+    def on_training_start(self, worker_group, backend_config: ProcessGroupConfig):
+        if len(worker_group) > 1:
+            self._torch_backend().on_training_start(worker_group, backend_config.torch_config())
+
+    def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig):
+        if len(worker_group) > 1:
+            self._torch_backend().on_shutdown(worker_group, backend_config.torch_config())
 
 
 class ValidationNotDropped(DataConfig):

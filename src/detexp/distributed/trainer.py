@@ -23,9 +23,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from detexp.checkpoint.storage import RunStorage
 from detexp.distributed.cluster import data_cpus_kept
-from detexp.distributed.controller import ForwardReports, ValidationNotDropped
+from detexp.distributed.controller import ForwardReports, ProcessGroupConfig, ValidationNotDropped
+from detexp.distributed.plan import WorkerPlan
 from detexp.distributed.watchdog import STALL_KEY
-from detexp.distributed.worker_loop import WorkerPlan, train_loop_per_worker
+from detexp.distributed.worker_loop import train_loop_per_worker
 from detexp.errors import WorkerStalledError
 
 log = logging.getLogger(__name__)
@@ -66,29 +67,7 @@ def fit(
         ray.get_runtime_context().get_node_id(), soft=False)})
     # rank 0 puts its progress into the same queue, and a stalled worker its last word
     plan = dataclasses.replace(plan, events=queue, live_steps=driver.on_step is not None)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=plan,
-        scaling_config=ray.train.ScalingConfig(
-            # (min, max) is Ray Train's elastic mode: it restarts on the workers it can place
-            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            placement_strategy=str(scaling.placement_strategy),
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=storage.name,
-            storage_path=storage.path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-            failure_config=ray.train.FailureConfig(
-                max_failures=scaling.max_failures,
-                controller_failure_limit=placement_tries(plan.cfg["trainer"].get("stall_timeout_s")),
-            ),
-            callbacks=[ForwardReports(queue), *callbacks],
-        ),
-        datasets=datasets,
-        dataset_config=ValidationNotDropped(),
-    )
+    trainer = torch_trainer(plan, datasets, scaling, storage, keep=keep, callbacks=[ForwardReports(queue), *callbacks])
     stop = threading.Event()
     pump = _Pump(queue, stop, driver)
     thread = threading.Thread(target=pump.run, name="detexp-progress", daemon=True)
@@ -108,6 +87,36 @@ def fit(
         return result
     finally:
         ray.kill(queue.actor)
+
+
+def torch_trainer(plan: WorkerPlan, datasets: dict[str, ray.data.Dataset], scaling: Any, storage: RunStorage, *,
+                  keep: int, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+    """The TorchTrainer of :func:`fit`; what it hands its controller imports no torch there
+    (``controller.ProcessGroupConfig``, ``plan.WorkerPlan``)."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan,
+        torch_config=ProcessGroupConfig(),
+        scaling_config=ray.train.ScalingConfig(
+            # (min, max) is Ray Train's elastic mode: it restarts on the workers it can place
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            placement_strategy=str(scaling.placement_strategy),
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=storage.name,
+            storage_path=storage.path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+            failure_config=ray.train.FailureConfig(
+                max_failures=scaling.max_failures,
+                controller_failure_limit=placement_tries(plan.cfg["trainer"].get("stall_timeout_s")),
+            ),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=ValidationNotDropped(),
+    )
 
 
 def placement_tries(stall_timeout_s: float | None) -> int:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from detexp.checkpoint.files import CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREDICTI
 from detexp.data.augment import multiscale_sizes
 from detexp.data.pipeline import batch_to_tensors
 from detexp.distributed.cluster import torch_threads
+from detexp.distributed.plan import WorkerPlan
 from detexp.distributed.watchdog import Watchdog
 from detexp.engine.early_stopping import BestEpoch
 from detexp.engine.loops import (
@@ -48,6 +49,7 @@ from detexp.epoch_report import (
     DIVERGED,
     EPOCH,
     EPOCHS_DONE,
+    FIRST_STEP_AT,
     IMPROVED,
     STOPPED_EARLY,
 )
@@ -55,23 +57,6 @@ from detexp.evaluation.metrics import DetectionEvaluator
 from detexp.evaluation.records import prediction_table
 from detexp.modeling.batchnorm import fold_batch_norms
 from detexp.modeling.detector import build_detector
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """Everything a Train worker needs besides its dataset shards, decided on the driver."""
-
-    cfg: dict[str, Any]  # the resolved train config, with the lr the workers train with
-    steps_per_epoch: int | None = None  # of each worker (its train shard / batch size)
-    shown: tuple[str, ...] = ()  # val image ids drawn in the end-of-training report's grid
-    weights: dict[str, Any] = field(default_factory=dict)  # file name -> [object ref]: nodes without them
-    # [object ref] of model.checkpoint's bytes, for nodes that do not see the driver's file;
-    # None on one machine.
-    start_weights: list[Any] | None = None
-    # A Ray Queue to the driver: rank 0's progress within an epoch (with live_steps), a
-    # stalled worker's last word (detexp.distributed.watchdog); None: no driver listens.
-    events: Any = None
-    live_steps: bool = False
 
 
 @dataclass
@@ -166,17 +151,13 @@ def _train(cfg: Any, plan: WorkerPlan, device: torch.device, watchdog: Watchdog)
 
 
 def _set_up_process(cfg: Any) -> torch.device:
-    """Seed, threads and process group of this worker; returns its device."""
+    """Seed and threads of this worker (its process group, with two or more workers, is
+    Ray Train's: controller.ProcessGroupConfig); returns its device."""
     torch.manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
     device = ray.train.torch.get_device()
     threads = torch_threads(cfg.scaling.threads_per_worker, ray.train.get_context().get_local_world_size())
     if threads:  # torch would otherwise start one thread per core of the machine
         torch.set_num_threads(threads)
-    if dist.is_initialized() and dist.get_world_size() == 1:
-        # Ray Train starts a process group even for one worker, which has no one to talk
-        # to; gloo's TCP loop thread would still wake 100 times a second, taking a core
-        # from a training thread each time.
-        dist.destroy_process_group()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     return device
@@ -273,6 +254,7 @@ def _epoch_metrics(epoch: int, stats: EpochStats, val_metrics: dict[str, Any], v
         "val/epoch_s": val_seconds,
         **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, dict)},
         EPOCHS_DONE: epoch + 1,
+        **({FIRST_STEP_AT: stats.first_step_at} if stats.first_step_at is not None else {}),
     }
 
 

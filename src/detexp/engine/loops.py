@@ -41,6 +41,7 @@ class EpochStats:
     data_seconds: float = 0.0  # of `seconds`, spent waiting for the next batch
     losses: dict[str, float] = field(default_factory=dict)  # mean over the epoch's steps
     lr: float = 0.0  # at the end of the epoch (before the epoch-level scheduler steps)
+    first_step_at: float | None = None  # time.time() when the first step ended
 
     @property
     def steps_per_second(self) -> float:
@@ -100,6 +101,8 @@ def train_one_epoch(
             sums[k] += v
         stats.steps += 1
         stats.images += len(images)
+        if stats.first_step_at is None:
+            stats.first_step_at = time.time()
         if on_step is not None:
             on_step(stats.steps, values)
     stats.seconds = time.perf_counter() - start

@@ -16,6 +16,7 @@ from detexp.epoch_report import (
     BEST_VALUE,
     DIVERGED,
     EPOCH,
+    FIRST_STEP_AT,
     IMPROVED,
     STOPPED_EARLY,
 )
@@ -23,6 +24,9 @@ from detexp.epoch_report import (
 log = logging.getLogger("detexp")
 
 EPOCH_KEY = "epoch"  # MLflow metric logged with every epoch (step = the 0-based epoch)
+# MLflow metric (step 0): seconds from the run's start (the command, a sweep's job, a Tune
+# trial) to the end of its first training step; what every run pays before it trains
+FIRST_STEP_KEY = "time/first_step_s"
 WAIT_NOTED = 0.1  # the epoch line says how long steps waited for data from this share on
 
 
@@ -44,13 +48,18 @@ class EpochProgress:
         monitor: str = "val/map_50",
         progress_every_s: float = 10.0,
         record_reports: bool = True,
+        started_at: float | None = None,
     ):
         """``logged``: the epochs the MLflow run holds already; ``previous``: the report of
         the checkpoint a resumed run continues from (None: a new run). ``record_reports``
         False: another process logs each report into the MLflow run (a Tune trial's: the
         tune driver, from the result Tune hands it); the kept checkpoints' reports of a
-        resumed run (:meth:`backfill`) are still logged here."""
+        resumed run (:meth:`backfill`) are still logged here. ``started_at``: when the run
+        started (``time.time()``), to say how long its first step took to come."""
         self.record_reports = record_reports
+        self.started_at = started_at
+        self.first_step_s: float | None = None
+        self.train_s = 0.0  # seconds in training steps (data waits included), epochs of this process
         self.epochs = epochs
         self.max_failures = max_failures
         self.tracker = tracker
@@ -88,6 +97,8 @@ class EpochProgress:
             return
         self.last, self.last_epoch = metrics, epoch
         self._keep_best(metrics)
+        self.train_s += float(metrics.get("train/epoch_s", 0.0))
+        self._note_first_step(metrics)
         if epoch in self.logged:
             log.warning("epoch %d/%d was trained again after a restart; MLflow keeps its first record",
                         epoch + 1, self.epochs)
@@ -116,6 +127,16 @@ class EpochProgress:
         )
         for callback in self.callbacks:
             callback(metrics)
+
+    def _note_first_step(self, metrics: dict[str, Any]) -> None:
+        """The run's start-up, from its first report: said, and logged as :data:`FIRST_STEP_KEY`."""
+        at = metrics.get(FIRST_STEP_AT)
+        if at is None or self.started_at is None or self.first_step_s is not None:
+            return
+        self.first_step_s = max(0.0, float(at) - self.started_at)
+        log.info("the first training step ended %.1f s after the start", self.first_step_s)
+        if self.record_reports:
+            self.tracker.log_metrics({FIRST_STEP_KEY: self.first_step_s}, step=0)
 
     def _keep_best(self, metrics: dict[str, Any]) -> None:
         if metrics.get(IMPROVED):
