@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_train
-from detexp.commands.train import _datasets, read_data
+from detexp.commands.train import _load_datasets
 from detexp.data.annotations import _read_annotations, problems_of, read_annotations
 from detexp.data.pipeline import batch_to_tensors, decode_batch
 from detexp.data.source import resolve
@@ -115,7 +115,7 @@ def test_what_rays_control_actors_and_decode_tasks_run_does_not_import_torch(ray
     _write_voc(tmp_path, "000", size=(40, 32), box=(2, 2, 20, 20))
     _write_voc(tmp_path, "001", size=(40, 32), box=(2, 2, 20, 20))
     cfg = compose_train(["dataset=voc", f"dataset.root={tmp_path}", "dataset.classes=[block]", "dataset.val_fraction=0.5"])
-    datasets = _datasets(cfg, read_data(cfg, resolve(cfg.dataset)))
+    datasets, _, _ = _load_datasets(cfg, resolve(cfg.dataset))
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = torch_trainer(WorkerPlan(cfg=plain(cfg), events=queue), datasets, cfg.scaling,
                             storage_location(None, tmp_path / "run"), keep=1, callbacks=[ForwardReports(queue)])
@@ -145,8 +145,7 @@ def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):
         _write_voc(tmp_path, image_id, size=(40, 32), box=(2, 2, 20, 20))
     cfg = compose_train(["dataset=voc", f"dataset.root={tmp_path}", "dataset.classes=[block]", "dataset.val_fraction=0.25"])
     source = resolve(cfg.dataset)
-    data = read_data(cfg, source)
-    datasets, counts = _datasets(cfg, data), data.counts
+    datasets, counts, _ = _load_datasets(cfg, source)
     shard = datasets["train"].streaming_split(1)[0]  # as a worker iterates it, epoch after epoch
 
     epochs = [[i for b in shard.iter_batches(batch_size=8) for i in b["image_id"]] for _ in range(2)]

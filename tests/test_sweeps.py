@@ -3,7 +3,6 @@ multirun as one MLflow parent run, and `detexp tune` (Ray Tune over Ray Train)."
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
@@ -17,13 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_train
 from detexp.commands.train import train
-from detexp.commands.tune import (
-    check_tune_config,
-    max_concurrent_trials,
-    shares_one_read,
-    tune,
-    write_best_config,
-)
+from detexp.commands.tune import check_tune_config, max_concurrent_trials, tune, write_best_config
 from detexp.config import TrainConfig
 from detexp.errors import ConfigError, ResourceError
 
@@ -88,14 +81,6 @@ def test_the_default_search_is_around_the_recipe_train_runs():
     assert smoke_base.optimizer.name == "sgd"
 
 
-def test_trials_share_the_drivers_read_unless_the_search_changes_what_is_read():
-    """The tune driver reads the annotations once for all trials, unless a searched key
-    changes the layout, the splits or the classes: then each trial reads its own."""
-    assert shares_one_read({"optimizer.lr": {}, "schedule.lr_steps": {}, "dataset.augment": {}, "dataset.batch_size": {}})
-    for key in ("dataset.val_fraction", "dataset.split_seed", "dataset.classes", "dataset.root"):
-        assert not shares_one_read({"optimizer.lr": {}, key: {}}), key
-
-
 def test_trials_that_cannot_be_placed_fail_saying_what_one_needs():
     scaling = OmegaConf.create({"num_workers": 2, "cpus_per_worker": 2, "use_gpu": True})
     assert max_concurrent_trials(scaling, {"CPU": 17, "GPU": 4}, 1) == 2  # GPUs: 2 per trial
@@ -132,11 +117,9 @@ def _mlflow(tmp_path):
 
 
 @pytest.mark.slow  # about 100 s on 2 cores: two trials, each a Ray Train run and its report
-def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shapes_cache, caplog):
+def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shapes_cache):
     cfg = _tune_cfg(tmp_path, shapes_cache, "tune.num_samples=2", "schedule.epochs=1", "tune.grace_period=1")
-    with caplog.at_level(logging.INFO, logger="detexp"):
-        result = tune(cfg, tmp_path / "tune")
-    assert sum(r.getMessage().startswith("read annotations of ") for r in caplog.records) == 1  # for both trials
+    result = tune(cfg, tmp_path / "tune")
 
     client = _mlflow(tmp_path)
     parent = client.get_run(result["run_id"])
@@ -149,12 +132,8 @@ def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shape
     assert re.fullmatch(r"tune lr \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     best = max(c.data.metrics["best/val_map_50"] for c in children)
     assert parent.data.metrics["val/map_50"] == parent.data.metrics["best/val_map_50"] == pytest.approx(best)
-    assert 0 < parent.data.metrics["tune/efficiency"] < 1
-    assert parent.data.metrics["tune/train_s"] == pytest.approx(sum(
-        m.value for c in children for m in client.get_metric_history(c.info.run_id, "train/epoch_s")))
     for child in children:
         assert child.info.status == "FINISHED"
-        assert 0 < child.data.metrics["time/first_step_s"] < parent.data.metrics["tune/seconds"]
         assert re.fullmatch(r"lr=[\d.e-]+", child.info.run_name), child.info.run_name
         assert "val/map_50" in child.data.metrics
         assert child.data.params["optimizer.lr"] == re.search(r"optimizer.lr=(\S+)", child.data.tags["detexp.trial_overrides"])[1]
@@ -214,12 +193,9 @@ def test_cli_sweep_of_two_jobs_is_one_parent_run_and_leaves_no_ray(tmp_path, sha
     assert re.fullmatch(r"sweep num_workers \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     assert {c.info.run_name for c in children} == {"num_workers=1", "num_workers=2"}
     assert parent.data.metrics["val/map_50"] == max(c.data.metrics["best/val_map_50"] for c in children)
-    assert 0 < parent.data.metrics["sweep/efficiency"] < 1
-    assert re.search(r"^.*the sweep trained for \d+ s of its \d+ s \(efficiency 0\.\d\d\); median start-up of a job", text, re.M)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED" and "val/map_50" in child.data.metrics
-        assert child.data.metrics["time/first_step_s"] > 0
     assert parent.data.tags["detexp.best_child"] in {c.info.run_id for c in children}
     summary = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
     assert len(summary) == 3 and all(",FINISHED," in line for line in summary[1:])

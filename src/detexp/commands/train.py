@@ -108,19 +108,6 @@ class TrainRun:
         return last is not None and (last.epoch + 1 >= self.cfg.schedule.epochs or bool(last.metrics.get(STOPPED_EARLY)))
 
 
-@dataclass(frozen=True)
-class ReadData:
-    """A dataset's layout and annotation rows, read once (in Ray's object store) with their
-    problems and counts: what :func:`train` would read itself, handed to every trial of a
-    tune that trains on the same data."""
-
-    source: DataSource
-    train: Any  # ray.data.MaterializedDataset of annotation rows
-    val: Any
-    problems: list[Problem]
-    counts: dict[str, int]
-
-
 def train(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -132,7 +119,6 @@ def train(
     live_progress: bool = True,
     record_reports: bool = True,
     started_at: float | None = None,
-    data: ReadData | None = None,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says, writing checkpoints and the resolved config into
     ``run_dir`` and everything into one MLflow run. Returns the last epoch's metrics
@@ -146,8 +132,6 @@ def train(
     False leaves each epoch's metrics for the caller to log into the run (a Tune trial's
     are logged by the tune driver, which outlives the trial). ``started_at``
     (``time.time()``): when the run started, for its ``time/first_step_s`` (None: now).
-    ``data``: the dataset as :func:`read_data` read it for ``cfg`` (a tune's trials share
-    one read); None: read here.
 
     With ``cfg.resume`` and a ``run_dir`` that holds checkpoints, training continues
     after the last checkpoint (model, optimizer, schedule) in the same MLflow run;
@@ -157,14 +141,14 @@ def train(
     started_at = time.time() if started_at is None else started_at
     check_train_config(cfg)
     fits_anchors = _fits_anchors(cfg.model)
-    source = find_data(cfg) if data is None else data.source
+    source = find_data(cfg)
     _say_where_the_weights_start(cfg, fits_anchors, train_images=len(source.train))
     run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
     if run.finished:  # nothing to train: no Ray
         return _report_finished(run, callbacks)
     if cfg.schedule.patience is not None and not source.val_ids:
         raise ConfigError(f"schedule.patience={cfg.schedule.patience} needs a validation split (dataset.val_split)")
-    datasets, counts = _start_ray_and_read(run, source, data)
+    datasets, counts = _start_ray_and_read(run, source)
     run_id = _open_tracking(run, counts)
     progress, best_model = _driver_views(run, callbacks, record_reports=record_reports, started_at=started_at)
     if run.previous is not None:
@@ -324,19 +308,16 @@ def _report_finished(run: TrainRun, callbacks: Sequence[EpochCallback]) -> dict[
     return _finish(run, run_id, previous.checkpoint, progress)
 
 
-def _start_ray_and_read(run: TrainRun, source: DataSource,
-                        data: ReadData | None = None) -> tuple[dict[str, Any], dict[str, int]]:
-    """Ray started and checked, the annotations read (unless ``data`` holds them) and the
-    error policy applied: the train/val datasets and their image counts (all before any
-    training)."""
+def _start_ray_and_read(run: TrainRun, source: DataSource) -> tuple[dict[str, Any], dict[str, int]]:
+    """Ray started and checked, the annotations read and the error policy applied: the
+    train/val datasets and their image counts (all before any training)."""
     from detexp.distributed import cluster
 
     cfg = run.cfg
     cluster.start_ray(cfg.scaling, cfg.ray.address, cfg.ray.verbose)
     cluster.check_storage(run.storage.path, source.root)  # every node that may host a worker reaches both
-    data = read_data(cfg, source) if data is None else data
-    datasets, counts = _datasets(cfg, data), data.counts
-    _apply_error_policy(cfg, data.problems, run.dir, source)
+    datasets, counts, problems = _load_datasets(cfg, source)
+    _apply_error_policy(cfg, problems, run.dir, source)
     if counts["data/train_images"] // cfg.scaling.num_workers == 0:
         raise ConfigError(
             f"{counts['data/train_images']} usable training images cannot feed "
@@ -472,10 +453,11 @@ def _register(tracker, cfg: DictConfig, checkpoint: Path | None) -> tuple[str, s
         return None
 
 
-def read_data(cfg: DictConfig, source: DataSource) -> ReadData:
-    """Every annotation of ``source``'s splits read and checked by Ray Data read tasks (Ray
-    must be running): the rows, their problems in split order, and the image counts."""
+def _load_datasets(cfg: DictConfig, source: DataSource):
+    from ray.data import RandomSeedConfig
+
     from detexp.data.annotations import problems_of, read_annotations
+    from detexp.data.pipeline import decode_images
 
     started = time.perf_counter()
     train_ann = read_annotations(source.root, source.train, source.classes).materialize()
@@ -494,28 +476,17 @@ def read_data(cfg: DictConfig, source: DataSource) -> ReadData:
         "read annotations of %d images in %.1fs from %s",
         len(source.train_ids) + len(source.val_ids), time.perf_counter() - started, source.root,
     )
-    return ReadData(source, train_ann, val_ann, problems, counts)
-
-
-def _datasets(cfg: DictConfig, data: ReadData) -> dict[str, Any]:
-    """The train and val datasets of ``data``'s rows: images decoded in Ray Data tasks, the
-    train rows shuffled and augmented as ``cfg`` says."""
-    from ray.data import RandomSeedConfig
-
-    from detexp.data.pipeline import decode_images
-
-    root = data.source.root
     # A full shuffle of the annotation rows (a few hundred bytes each) before decoding, with
     # a new order every epoch (each epoch executes the dataset again) that the seed repeats.
     # A local buffer after decoding would mix only neighbours: a folder of sorted ids would
     # give nearly the same batches every epoch.
-    shuffled = data.train.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+    shuffled = train_ann.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
     datasets = {"train": decode_images(
-        shuffled, root, cfg.dataset.hflip_prob, cfg.seed, augment=str(cfg.dataset.augment), size=cfg.model.min_size,
+        shuffled, source.root, cfg.dataset.hflip_prob, cfg.seed, augment=str(cfg.dataset.augment), size=cfg.model.min_size,
     )}
-    if data.source.val_ids:
-        datasets["val"] = decode_images(data.val, root, 0.0)
-    return datasets
+    if source.val_ids:
+        datasets["val"] = decode_images(val_ann, source.root, 0.0)
+    return datasets, counts, problems
 
 
 def _apply_error_policy(cfg: DictConfig, problems: list[Problem], run_dir: Path, source: DataSource) -> None:

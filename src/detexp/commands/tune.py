@@ -88,10 +88,8 @@ def max_concurrent_trials(scaling: Any, cluster: Mapping[str, float], data_cpus:
     return fits
 
 
-def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str, parent_run_id: str,
-               data: Any = None) -> None:
-    """The Tune trainable: one train run with the sampled values (runs in the trial actor);
-    ``data``: the annotations the tune driver read for every trial (None: the trial reads)."""
+def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str, parent_run_id: str) -> None:
+    """The Tune trainable: one train run with the sampled values (runs in the trial actor)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -110,19 +108,7 @@ def _run_trial(sample: dict[str, Any], *, base: dict, space: dict, tune_dir: str
         cfg, Path(tune_dir) / "trials" / trial_id, overrides,
         ray_callbacks=[TuneReportCallback()], tags=tags, live_progress=False,
         record_reports=False,  # TrialWatcher logs each result, however the trial ends
-        data=data,
     )
-
-
-# dataset.* keys a search may vary while its trials still share one read of the annotations
-# (what the read yields does not depend on them)
-READ_INDEPENDENT = {"dataset.batch_size", "dataset.hflip_prob", "dataset.augment", "dataset.on_error"}
-
-
-def shares_one_read(space: Mapping[str, Any]) -> bool:
-    """Whether every trial reads the same annotations: the search varies no dataset key
-    that changes the layout, the splits or the classes."""
-    return not any(key.startswith("dataset.") and key not in READ_INDEPENDENT for key in space)
 
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:
@@ -177,7 +163,6 @@ class TuneRun:
     tracker: Any  # detexp.tracking.mlflow_runs.Tracker
     parent_run_id: str
     concurrent: int  # trials at a time
-    data: Any = None  # train.ReadData every trial trains on; None: each trial reads
 
     @property
     def experiment_dir(self) -> Path:
@@ -194,15 +179,14 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
     from detexp.commands.train import find_data
 
     base, space = check_tune_config(cfg)
-    source = find_data(base)  # the layout found once, said once; every trial trains on the same classes
+    find_data(base)  # the layout found once, said once; every trial trains on the same classes
     run_dir = Path(run_dir).resolve()
     restoring = cfg.resume and ray_tune.Tuner.can_restore(str(run_dir / EXPERIMENT))
     if (run_dir / EXPERIMENT).exists() and not restoring:
         raise ConfigError(
             f"{run_dir} already holds a tune run; pass resume=true to continue it, or choose another hydra.run.dir"
         )
-    run = _start_search(cfg.tune, base, space, run_dir, restoring=restoring, overrides=list(overrides or []),
-                        source=source)
+    run = _start_search(cfg.tune, base, space, run_dir, restoring=restoring, overrides=list(overrides or []))
     watcher = TrialWatcher(
         run.tracker, run.dir, metric=run.settings.metric, mode=run.settings.mode,
         epochs=base.schedule.epochs, num_samples=run.settings.num_samples, monitor=base.schedule.monitor,
@@ -218,13 +202,11 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
 
 
 def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path, *, restoring: bool,
-                  overrides: list[str], source: Any) -> TuneRun:
-    """Weights, MLflow store and Ray checked, how many trials fit at once, the annotations
-    read for every trial (when they share them), the resolved config written and the
-    parent run started (or resumed)."""
+                  overrides: list[str]) -> TuneRun:
+    """Weights, MLflow store and Ray checked, how many trials fit at once, the resolved
+    config written and the parent run started (or resumed)."""
 
     from detexp.checkpoint.files import RUN_ID_FILE
-    from detexp.commands.train import read_data
     from detexp.distributed import cluster
     from detexp.modeling.detector import weight_files
     from detexp.tracking.mlflow_runs import Tracker, default_tags, sweep_run_name
@@ -234,8 +216,6 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
     cluster.start_ray(base.scaling, base.ray.address, base.ray.verbose)
     fits = max_concurrent_trials(base.scaling, cluster.usable_resources()[0], cluster.DATA_CPUS)
     concurrent = min(t.max_concurrent_trials or fits, fits)
-    # Read once here, not once a trial: each read starts Ray Data's tasks again (seconds)
-    data = read_data(base, source) if shares_one_read(space) else None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**plain(base), "tune": {**plain(t), "search_space": space}}
@@ -258,7 +238,6 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
         log.info("  %s: %s", key, spec)
     return TuneRun(
         base=base, space=space, settings=t, dir=run_dir, tracker=tracker, parent_run_id=parent, concurrent=concurrent,
-        data=data,
     )
 
 
@@ -294,7 +273,6 @@ def _tuner(run: TuneRun, watcher: TrialWatcher, restoring: bool):
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(
             _run_trial, base=plain(run.base), space=run.space, tune_dir=str(run.dir), parent_run_id=run.parent_run_id,
-            data=run.data,
         ),
         trial_placement(ray.get_runtime_context().get_node_id()),
     )
