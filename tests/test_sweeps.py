@@ -132,8 +132,12 @@ def test_tune_two_trials_are_children_of_one_parent(ray_cluster, tmp_path, shape
     assert re.fullmatch(r"tune lr \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     best = max(c.data.metrics["best/val_map_50"] for c in children)
     assert parent.data.metrics["val/map_50"] == parent.data.metrics["best/val_map_50"] == pytest.approx(best)
+    assert 0 < parent.data.metrics["tune/efficiency"] < 1
+    assert parent.data.metrics["tune/train_s"] == pytest.approx(sum(
+        m.value for c in children for m in client.get_metric_history(c.info.run_id, "train/epoch_s")))
     for child in children:
         assert child.info.status == "FINISHED"
+        assert 0 < child.data.metrics["time/first_step_s"] < parent.data.metrics["tune/seconds"]
         assert re.fullmatch(r"lr=[\d.e-]+", child.info.run_name), child.info.run_name
         assert "val/map_50" in child.data.metrics
         assert child.data.params["optimizer.lr"] == re.search(r"optimizer.lr=(\S+)", child.data.tags["detexp.trial_overrides"])[1]
@@ -193,9 +197,12 @@ def test_cli_sweep_of_two_jobs_is_one_parent_run_and_leaves_no_ray(tmp_path, sha
     assert re.fullmatch(r"sweep num_workers \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     assert {c.info.run_name for c in children} == {"num_workers=1", "num_workers=2"}
     assert parent.data.metrics["val/map_50"] == max(c.data.metrics["best/val_map_50"] for c in children)
+    assert 0 < parent.data.metrics["sweep/efficiency"] < 1
+    assert re.search(r"^.*the sweep trained for \d+ s of its \d+ s \(efficiency 0\.\d\d\); median start-up of a job", text, re.M)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED" and "val/map_50" in child.data.metrics
+        assert child.data.metrics["time/first_step_s"] > 0
     assert parent.data.tags["detexp.best_child"] in {c.info.run_id for c in children}
     summary = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
     assert len(summary) == 3 and all(",FINISHED," in line for line in summary[1:])
