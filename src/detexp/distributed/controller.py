@@ -97,7 +97,10 @@ class ValidationNotDropped(DataConfig):
         output = super().configure(splits, world_size, worker_handles, worker_node_ids, **kwargs)
         if "val" in datasets:
             val = datasets["val"]
-            for rank, it in enumerate(val.streaming_split(world_size, equal=False)):
+            # One worker reads it all from its own process (it is not training then): no
+            # SplitCoordinator actor to start, a second of CPU a run on a small machine.
+            shards = [val.iterator()] if world_size == 1 else val.streaming_split(world_size, equal=False)
+            for rank, it in enumerate(shards):
                 output[rank]["val"] = it
         return output
 
