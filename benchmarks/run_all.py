@@ -654,6 +654,13 @@ class SweepBench:
         seconds, tail = _detexp(self.cwd, args, f"{experiment}.log")
         return seconds, shlex.join(["python", "-m", "detexp", *args]), tail
 
+    def measure(self, command: list[str], experiment: str) -> tuple[float | None, float, dict[str, Any]]:
+        """:meth:`run` the sweep ``command``, then its :meth:`efficiency`, with the command
+        as typed and its last lines in the details."""
+        seconds, typed, tail = self.run(command, experiment)
+        startup, efficiency, details = self.efficiency(experiment, seconds)
+        return startup, efficiency, {"command": typed, **details, "last_lines": tail}
+
     def efficiency(self, experiment: str, seconds: float) -> tuple[float | None, float, dict[str, Any]]:
         """(median start-up of the sweep's runs, their summed training seconds / ``seconds``,
         details) from the children's MLflow metrics."""
@@ -702,12 +709,9 @@ def measure_tune_sweep(b: Bench) -> tuple[Values, Details]:
     the trial to the end of its first training step (each trial's ``time/first_step_s``).
     Efficiency: the trials' summed ``train/epoch_s`` (the training steps, their data waits
     included) over the command's wall-clock seconds, Python start-up to exit."""
-    sweep = SweepBench(b)
-    seconds, command, tail = sweep.run(
+    startup, efficiency, details = SweepBench(b).measure(
         ["tune", "tune.num_samples=4", "tune.grace_period=1", *SWEEP_EPOCHS], "bench-tune")
-    startup, efficiency, details = sweep.efficiency("bench-tune", seconds)
-    return {"tune_trial_startup_s": startup, "tune_efficiency": efficiency}, {
-        "command": command, **details, "last_lines": tail}
+    return {"tune_trial_startup_s": startup, "tune_efficiency": efficiency}, details
 
 
 def measure_multirun(b: Bench) -> tuple[Values, Details]:
@@ -717,12 +721,9 @@ def measure_multirun(b: Bench) -> tuple[Values, Details]:
     ``time/first_step_s`` (the first job's counts from the process's creation, a later job's
     from its own start). Efficiency: the jobs' summed ``train/epoch_s`` over the command's
     wall-clock seconds."""
-    sweep = SweepBench(b)
-    seconds, command, tail = sweep.run(
+    startup, efficiency, details = SweepBench(b).measure(
         ["train", "-m", "optimizer.lr=5e-4,1e-3,2e-3", *SWEEP_EPOCHS], "bench-multirun")
-    startup, efficiency, details = sweep.efficiency("bench-multirun", seconds)
-    return {"multirun_job_startup_s": startup, "multirun_efficiency": efficiency}, {
-        "command": command, **details, "last_lines": tail}
+    return {"multirun_job_startup_s": startup, "multirun_efficiency": efficiency}, details
 
 
 # key(s) -> measurement; in-process ones (one shared Ray) first, then the subprocess one.
