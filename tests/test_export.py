@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +23,7 @@ from detexp.commands.export import check_parity, export, parity_images
 from detexp.data.shapes import SHAPES_CLASSES
 from detexp.errors import ConfigError, ParityError
 from detexp.modeling.detector import inference_model
+from detexp.modeling.export import load_exported
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -88,6 +91,17 @@ def test_the_torchscript_file_is_called_as_docs_deploy_says(exported):
     assert losses == {} and len(detections) == 2
     assert set(detections[0]) == {"boxes", "labels", "scores"} and detections[0]["boxes"].shape[1] == 4
     assert int(detections[0]["labels"].min()) >= 1  # label i is classes[i - 1]
+
+
+def test_detexps_own_run_of_the_torchscript_file_prints_no_warning(exported):
+    """The parity check (and anything else detexp runs the file for) says nothing about
+    torchvision's scripted (losses, detections) return: a warning users cannot act on."""
+    run = load_exported(Path(exported.results["torchscript"]["model"]), "torchscript")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        detections = run(exported.images[0][1])
+    assert set(detections) == {"boxes", "labels", "scores"}
+    assert [str(w.message) for w in caught] == []
 
 
 def test_the_onnx_file_takes_any_image_size_in_onnxruntime(exported):

@@ -119,7 +119,10 @@ def load_exported(path: Path, fmt: str, threads: int | None = None) -> Callable[
         scripted.eval()
 
         def run_torchscript(image: torch.Tensor) -> Detections:
-            with torch.inference_mode():
+            # torchvision's scripted forward warns at every call that it returns (losses,
+            # detections): read that way here, so not the user's concern
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="RCNN always returns a")
                 _, detections = scripted([image])
             return detections[0]
 
