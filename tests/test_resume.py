@@ -137,11 +137,14 @@ def test_kill9_after_first_checkpoint_then_resume_continues_the_same_run(ray_clu
     assert "resume=true" in str(refused.value) and isinstance(refused.value, USER_ERRORS)
 
     # Run again with resume=true: in-process, on the test session's Ray (a second command line
-    # would add a Ray start and the imports, not behaviour).
+    # would add a Ray start and the imports, not behaviour). With anchors=auto it continues
+    # with its checkpoint's anchors: a new fit (5 sizes here) would not fit its RPN.
     with caplog.at_level(logging.INFO, logger="detexp"):
-        train(_config(tmp_path, shapes_cache, "resume=true"), run_dir)
+        train(_config(tmp_path, shapes_cache, "resume=true", "model.anchor_sizes=auto", "model.anchor_ratios=auto"), run_dir)
     said = [r.getMessage() for r in caplog.records]
     text = "\n".join(said)
+    assert "anchors of the checkpoint this run continues: sizes [32, 64, 128], ratios [1.0]" in said, text
+    assert not any(line.startswith("anchors fitted") for line in said), text
     assert f"resuming MLflow run {run_id}" in said, text
     assert "resuming from the checkpoint of epoch 1/2" in text and "continues with epoch 2/2" in text, text
     assert not any(line.startswith("epoch 1/2 ") for line in said), text  # epoch 1 is not trained again

@@ -141,6 +141,8 @@ def train(
     started_at = time.time() if started_at is None else started_at
     check_train_config(cfg)
     fits_anchors = _fits_anchors(cfg.model)
+    if fits_anchors and cfg.resume:
+        _keep_resumed_anchors(cfg, Path(run_dir).resolve())
     source = find_data(cfg)
     _say_where_the_weights_start(cfg, fits_anchors, train_images=len(source.train))
     run = _plan_run(cfg, Path(run_dir).resolve(), list(overrides), tags)
@@ -232,6 +234,22 @@ def _epochs_advice(schedule: Any, train_images: int) -> str:
         f" ({schedule.epochs} epochs of {train_images} train images show {seen}, the recipe was fitted seeing "
         f"{DEMO_RECIPE_IMAGES}: e.g. schedule.epochs={epochs}{shown})"
     )
+
+
+def _keep_resumed_anchors(cfg: DictConfig, run_dir: Path) -> None:
+    """``auto`` anchors of a run that continues checkpoints: the numbers those were trained
+    with (fitted when the run began), not a new fit, which data changed since would make
+    another shape of RPN than the checkpoint's."""
+    from detexp.checkpoint.files import CHECKPOINT_FILE, read_checkpoint
+
+    previous = latest_checkpoint(storage_location(cfg.scaling.storage_path, run_dir).experiment)
+    if previous is None:
+        return
+    with previous.checkpoint.as_directory() as folder:
+        stored = read_checkpoint(Path(folder) / CHECKPOINT_FILE).config.get("model", {})
+    cfg.model.anchor_sizes, cfg.model.anchor_ratios = stored.get("anchor_sizes"), stored.get("anchor_ratios")
+    log.info("anchors of the checkpoint this run continues: sizes %s, ratios %s",
+             cfg.model.anchor_sizes, cfg.model.anchor_ratios)
 
 
 ANCHOR_FIT_IMAGES = 2000  # train images whose boxes the anchors are fitted to, at most (a seeded sample)
