@@ -33,10 +33,12 @@ from detexp.data.shapes import SHAPES_CLASSES, generate_shapes
 from detexp.engine.loops import train_one_epoch
 from detexp.modeling.detector import build_detector
 
-# The default's fit to the shapes, read from conf/model/mobilenet_320_cpu.yaml: anchors, RoI
-# sampling, and an FPN that reads stride 16 and 32.
+# The default's fit to the shapes, read from conf/model/mobilenet_320_cpu.yaml: RoI sampling
+# and an FPN that reads stride 16 and 32; the anchors the shapes were fitted with by hand
+# (the default's own are `auto`, fitted to a train split, which a model built here lacks).
 _DEFAULT_MODEL = OmegaConf.load(Path(detexp.__file__).parent / "conf" / "model" / "mobilenet_320_cpu.yaml")
-FIT = {key: _DEFAULT_MODEL[key] for key in ("anchor_sizes", "anchor_ratios", "box_positive_fraction", "returned_layers")}
+FIT = {"anchor_sizes": [32, 64, 128], "anchor_ratios": [1.0],
+       **{key: _DEFAULT_MODEL[key] for key in ("box_positive_fraction", "returned_layers")}}
 
 # (label, min/max size, box_batch_size_per_image, rpn top-n while training, RoIAlign
 # sampling ratio, channels-last weights, torchvision's own RoIAlign instead of detexp's,

@@ -39,6 +39,18 @@ from detexp.modeling.detector import build_detector
 NUM_TRAIN, NUM_VAL = 400, 100
 
 
+def _fit_anchors(model_cfg, root: Path) -> None:
+    """``auto`` anchors fitted to the train images' boxes, as ``train`` fits them."""
+    from detexp.data.label_stats import read_records
+    from detexp.modeling.anchors import fit_model_anchors, is_auto
+    from detexp.modeling.detector import RESNET_FPN_BUILDERS
+
+    if is_auto(model_cfg.anchor_sizes) or is_auto(model_cfg.anchor_ratios):
+        records, _ = read_records(root, [f"{i + 1:06d}" for i in range(NUM_TRAIN)], SHAPES_CLASSES)
+        fit = fit_model_anchors(model_cfg, records, ladder=model_cfg.name in RESNET_FPN_BUILDERS)
+        model_cfg.anchor_sizes, model_cfg.anchor_ratios = fit.sizes, fit.ratios
+
+
 def main(overrides: list[str]) -> list[float]:
     torch.set_num_threads(2)
     cfg = compose(overrides)
@@ -48,6 +60,7 @@ def main(overrides: list[str]) -> list[float]:
         table = _read_annotations(str(root), [f"{i + 1:06d}" for i in range(NUM_TRAIN + NUM_VAL)], SHAPES_CLASSES)
         train_rows = table.slice(0, NUM_TRAIN)
         val_images, val_targets = batch_to_tensors(decode_batch(table.slice(NUM_TRAIN), str(root)))
+        _fit_anchors(cfg.model, root)
         torch.manual_seed(cfg.seed)
         order_rng = random.Random(cfg.seed)
         model = build_detector(cfg.model, len(classes) + 1)

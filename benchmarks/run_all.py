@@ -183,6 +183,8 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
     images = s.train_steps * BATCH
     overrides = [
         *b.train_overrides("overhead"), "model=mobilenet_320_cpu", f"dataset.batch_size={BATCH}",
+        # the bare loop builds the model without data to fit `auto` anchors to: both sides take these
+        "model.anchor_sizes=[32,64,128]", "model.anchor_ratios=[1.0]",
         "scaling.num_workers=1", "scaling.threads_per_worker=2", f"schedule.epochs={s.train_epochs}",
         f"dataset.synth.num_train={images}", "dataset.synth.num_val=0", "dataset.val_split=null",
     ]

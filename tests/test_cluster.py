@@ -188,10 +188,11 @@ def test_start_weights_only_the_driver_sees_reach_every_node(private_node, tmp_p
     them cannot see that disk) get its bytes, as they get torchvision weights."""
     from detexp.modeling.detector import build_detector
 
-    base = _cfg(tmp_path, shapes_cache)
+    anchors = ["model.anchor_sizes=[32,64,128]", "model.anchor_ratios=[1.0]"]  # built before any data is read
+    base = _cfg(tmp_path, shapes_cache, *anchors)
     start = private_node / "start.pt"
     torch.save(build_detector(base.model, len(base.dataset.classes) + 1).state_dict(), start)
-    cfg = _cfg(tmp_path, shapes_cache, "scaling.num_workers=3", "scaling.placement_strategy=SPREAD",
+    cfg = _cfg(tmp_path, shapes_cache, *anchors, "scaling.num_workers=3", "scaling.placement_strategy=SPREAD",
                f"scaling.storage_path={tmp_path / 'shared'}", f"model.checkpoint={start}", "schedule.epochs=1",
                "eval_at_end=false")
     result = train(cfg, private_node / "run")
