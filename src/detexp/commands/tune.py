@@ -36,9 +36,15 @@ from ray.tune import Callback
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig, plain
 from detexp.data.files import is_uri
-from detexp.epoch_report import DIVERGED, EPOCH, FIRST_STEP_AT
+from detexp.epoch_report import DIVERGED, EPOCH
 from detexp.errors import ConfigError, ResourceError
-from detexp.tracking.progress import EPOCH_KEY, FIRST_STEP_KEY, best_key, epoch_values
+from detexp.tracking.progress import (
+    EPOCH_KEY,
+    FIRST_STEP_KEY,
+    best_key,
+    epoch_values,
+    first_step_seconds,
+)
 
 log = logging.getLogger("detexp")
 
@@ -378,10 +384,12 @@ class TrialWatcher(Callback):
 
     def _note_first_step(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """The trial's start-up (from Tune starting it to its first step's end) into its run."""
-        at, started = result.get(FIRST_STEP_AT), self.started_at.get(trial_id)
-        if at is None or started is None or trial_id in self.first_step_s:
+        if trial_id in self.first_step_s:
             return
-        self.first_step_s[trial_id] = seconds = max(0.0, float(at) - started)
+        seconds = first_step_seconds(result, self.started_at.get(trial_id))
+        if seconds is None:
+            return
+        self.first_step_s[trial_id] = seconds
         log.info("trial %s: its first training step ended %.1f s after it started", trial_id, seconds)
         run_id = _trial_run_id(self.run_dir, trial_id)
         if run_id is not None:

@@ -130,10 +130,11 @@ class EpochProgress:
 
     def _note_first_step(self, metrics: dict[str, Any]) -> None:
         """The run's start-up, from its first report: said, and logged as :data:`FIRST_STEP_KEY`."""
-        at = metrics.get(FIRST_STEP_AT)
-        if at is None or self.started_at is None or self.first_step_s is not None:
+        if self.first_step_s is not None:
             return
-        self.first_step_s = max(0.0, float(at) - self.started_at)
+        self.first_step_s = first_step_seconds(metrics, self.started_at)
+        if self.first_step_s is None:
+            return
         log.info("the first training step ended %.1f s after the start", self.first_step_s)
         if self.record_reports:
             self.tracker.log_metrics({FIRST_STEP_KEY: self.first_step_s}, step=0)
@@ -172,6 +173,15 @@ class EpochProgress:
 def best_key(monitor: str) -> str:
     """The metric key of the best value of ``monitor`` so far (``best/val_map_50``)."""
     return "best/" + monitor.replace("/", "_")
+
+
+def first_step_seconds(report: dict[str, Any], started_at: float | None) -> float | None:
+    """Seconds from ``started_at`` (``time.time()``) to the end of the first training step
+    of the epoch ``report`` is of; None when either is unknown."""
+    at = report.get(FIRST_STEP_AT)
+    if at is None or started_at is None:
+        return None
+    return max(0.0, float(at) - started_at)
 
 
 def epoch_values(report: dict[str, Any], monitor: str) -> dict[str, Any]:
