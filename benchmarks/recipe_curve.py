@@ -32,7 +32,12 @@ from detexp.data.annotations import _read_annotations
 from detexp.data.pipeline import batch_to_tensors, decode_batch
 from detexp.data.shapes import SHAPES_CLASSES, ensure_shapes
 from detexp.engine.loops import predict_batch, train_one_epoch
-from detexp.engine.solver import build_optimizer, build_scheduler, build_warmup
+from detexp.engine.solver import (
+    build_optimizer,
+    build_scheduler,
+    build_warmup,
+    resolve_auto_schedule,
+)
 from detexp.evaluation.metrics import DetectionEvaluator
 from detexp.modeling.detector import build_detector
 
@@ -41,8 +46,9 @@ NUM_TRAIN, NUM_VAL = 400, 100
 
 def _fit_anchors(model_cfg, root: Path) -> None:
     """``auto`` anchors fitted to the train images' boxes, as ``train`` fits them."""
+    from detexp.config import is_auto
     from detexp.data.label_stats import read_records
-    from detexp.modeling.anchors import fit_model_anchors, is_auto
+    from detexp.modeling.anchors import fit_model_anchors
     from detexp.modeling.detector import RESNET_FPN_BUILDERS
 
     if is_auto(model_cfg.anchor_sizes) or is_auto(model_cfg.anchor_ratios):
@@ -61,6 +67,7 @@ def main(overrides: list[str]) -> list[float]:
         train_rows = table.slice(0, NUM_TRAIN)
         val_images, val_targets = batch_to_tensors(decode_batch(table.slice(NUM_TRAIN), str(root)))
         _fit_anchors(cfg.model, root)
+        resolve_auto_schedule(cfg.schedule, NUM_TRAIN)  # `auto` epochs and lr steps, as train resolves them
         torch.manual_seed(cfg.seed)
         order_rng = random.Random(cfg.seed)
         model = build_detector(cfg.model, len(classes) + 1)

@@ -186,7 +186,7 @@ def measure_train_overhead(b: Bench) -> tuple[Values, Details]:
         # the bare loop builds the model without data to fit `auto` anchors to: both sides take these
         "model.anchor_sizes=[32,64,128]", "model.anchor_ratios=[1.0]",
         "scaling.num_workers=1", "scaling.threads_per_worker=2", f"schedule.epochs={s.train_epochs}",
-        f"dataset.synth.num_train={images}", "dataset.synth.num_val=0", "dataset.val_split=null",
+        "schedule.lr_steps=[]", f"dataset.synth.num_train={images}", "dataset.synth.num_val=0", "dataset.val_split=null",
     ]
     cfg = compose(overrides)
     root = dataset_root(cfg.dataset)  # generated here, outside every timing

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_train
-from detexp.commands.train import check_train_config
+from detexp.commands.train import check_train_config, find_data
 from detexp.commands.tune import check_tune_config
+from detexp.engine.solver import resolve_auto_schedule
 from detexp.errors import ConfigError
 
 EXPERIMENTS_DIR = Path(__file__).parents[1] / "experiments"
@@ -57,8 +59,8 @@ def test_misspelt_key_is_rejected_by_name():
 
 def test_wrong_type_is_rejected():
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as info:
-        compose_train(["schedule.epochs=ten"])
-    assert "epochs" in str(info.value) + str(info.value.__cause__)
+        compose_train(["schedule.lr_gamma=ten"])
+    assert "lr_gamma" in str(info.value) + str(info.value.__cause__)
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,9 @@ def test_wrong_type_is_rejected():
         ("model.name=yolo", "model.name"),
         ("model.weights=IMAGENET_V9", "model.weights"),
         ("schedule.lr_steps=[8,4]", "schedule.lr_steps"),
+        ("schedule.epochs=ten", "schedule.epochs"),  # a number or auto
+        ("schedule.lr_steps=soon", "schedule.lr_steps"),
+        ("schedule.min_epochs=0", "schedule.min_epochs"),
     ],
 )
 def test_impossible_values_name_the_key(override, key):
@@ -146,33 +151,65 @@ def test_voc_tutorial_scales_its_lr_to_the_global_batch():
 
 
 def test_lr_steps_that_can_never_apply_are_named_before_ray(caplog):
-    """The README's former sweep put the tutorial's 26-epoch milestones on the 4-epoch default."""
+    """The README's former sweep put the tutorial's 26-epoch milestones on a 4-epoch recipe."""
     with caplog.at_level(logging.WARNING, logger="detexp"):
-        check_train_config(compose_train(["schedule.lr_steps=[3]"]))  # the default recipe's own
+        check_train_config(compose_train(["schedule.epochs=4", "schedule.lr_steps=[3]"]))
         assert not caplog.records
-        check_train_config(compose_train(["schedule.lr_steps=[2,16,22]"]))
+        check_train_config(compose_train(["schedule.epochs=4", "schedule.lr_steps=[2,16,22]"]))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith("schedule.lr_steps=[2, 16, 22]: step(s) 16, 22 at or past schedule.epochs=4 never apply")
 
 
-def test_the_readmes_former_sweep_is_named_twice_before_ray(caplog):
+def test_the_readmes_former_sweep_is_named_twice_before_ray(caplog, shapes_cache):
     """`train -m optimizer.lr=0.01,0.02 schedule.lr_steps='[16,22]','[8,11]'` on the default
-    recipe: SGD's learning rates on AdamW (epoch-1 loss 364) and steps past its 4 epochs."""
+    recipe: SGD's learning rates on AdamW (epoch-1 loss 364) and steps past the 4 epochs
+    that `auto` gives the 400 shapes (named once the data is found, still before Ray)."""
+
+    def job(*overrides):
+        cfg = compose_train([f"dataset.cache_dir={shapes_cache}", *overrides])
+        check_train_config(cfg)
+        find_data(cfg)
+        return cfg
+
     with caplog.at_level(logging.WARNING, logger="detexp"):
         for lr in ("0.0005", "0.002"):  # the sweep the README has now
-            check_train_config(compose_train([f"optimizer.lr={lr}"]))
+            assert job(f"optimizer.lr={lr}").schedule.epochs == 4
         check_train_config(compose_train(["+experiment=smoke", "optimizer.lr=0.02"]))  # SGD's own lr on SGD
         assert not caplog.records
-        check_train_config(compose_train(["optimizer.lr=0.01", "schedule.lr_steps=[8,11]"]))
+        job("optimizer.lr=0.01", "schedule.lr_steps=[8,11]")
     lr, steps = (r.getMessage() for r in caplog.records)
     assert lr.startswith("optimizer.lr=0.01 is far above what adamw trains a detector with (1e-05 to 0.005")
     assert steps.startswith("schedule.lr_steps=[8, 11]: step(s) 8, 11 at or past schedule.epochs=4 never apply")
 
 
+def test_the_cpu_recipe_trains_a_small_split_longer(tmp_path, caplog):
+    """schedule.epochs=auto: as many epochs as show 1600 train images, at least 4, the lr
+    lowered for the last quarter; said before Ray starts and kept as numbers. Given numbers stay."""
+    from test_pipeline import _write_voc
+
+    for n in range(50):
+        _write_voc(tmp_path, f"{n:03d}", box=(40, 30, 140, 130), size=(200, 160), filename=f"{n:03d}.jpg")
+    export = ["dataset=voc", f"dataset.root={tmp_path}", "model.anchor_sizes=[64]", "model.anchor_ratios=[1.0]"]
+    cfg = compose_train(export)
+    with caplog.at_level(logging.INFO, logger="detexp"):
+        find_data(cfg)  # 40 train images (dataset.val_fraction 0.2)
+    assert (cfg.schedule.epochs, list(cfg.schedule.lr_steps)) == (40, [30])
+    assert ("schedule: 40 epochs (schedule.epochs=auto: at least 4, and at least 1600 images shown from a train "
+            "split of 40); the lr x 0.1 after epoch(s) [30] (schedule.lr_steps=auto)") in caplog.text
+    assert OmegaConf.to_container(cfg.schedule)["epochs"] == 40  # a number in the params and checkpoints
+    given = compose_train([*export, "schedule.epochs=6"])
+    find_data(given)
+    assert (given.schedule.epochs, list(given.schedule.lr_steps)) == (6, [4])
+    large = compose_train([*export, "schedule.min_images=10"])
+    find_data(large)
+    assert (large.schedule.epochs, list(large.schedule.lr_steps)) == (4, [3])  # never under min_epochs
+
+
 def test_a_search_dimension_that_cannot_change_a_trial_is_named(caplog):
     from detexp.commands.search_space import check_search_space
 
-    base = compose_train([])  # AdamW, 4 epochs
+    base = compose_train([])  # AdamW
+    resolve_auto_schedule(base.schedule, 400)  # 4 epochs, as on the shapes
     with caplog.at_level(logging.WARNING, logger="detexp"):
         check_search_space({"optimizer.lr": {"loguniform": [3e-4, 3e-3]}, "schedule.lr_steps": {"choice": [[3], [2, 3]]}}, base, "random")
         assert not caplog.records

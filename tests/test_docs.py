@@ -294,8 +294,8 @@ def run_cheap_or_compose(command: DocCommand, ws: Workspace, help_outputs: HelpR
     from detexp.commands.data_show import data_show
     from detexp.commands.data_synth import data_synth
     from detexp.commands.predict import list_images
-    from detexp.commands.train import check_train_config
-    from detexp.commands.tune import check_tune_config
+    from detexp.commands.train import check_train_config, find_data
+    from detexp.commands.tune import check_search, check_tune_config
     from detexp.data.source import resolve
 
     argv = ws.resolve(command.argv)
@@ -324,9 +324,10 @@ def run_cheap_or_compose(command: DocCommand, ws: Workspace, help_outputs: HelpR
             if args.cfg is None:  # a real run reads the split files next (shapes: generates them)
                 resolve(cfg.dataset)
         elif words == ("tune",):
-            base, _ = check_tune_config(cfg)
-            if args.cfg is None:
-                resolve(base.dataset)
+            base = check_tune_config(cfg)
+            if args.cfg is None:  # as the command: the data found, then the search checked against it
+                find_data(base)
+                check_search(cfg.tune, base)
         elif words in (("eval",), ("predict",), ("export",), ("serve",)):
             prepare_inference(cfg, overrides)  # checkpoint, effective config, weights that fit
             if words == ("predict",):

@@ -387,11 +387,17 @@ def test_random_weights_on_an_export_say_which_recipe_to_pick(caplog):
     from detexp.commands.train import _say_where_the_weights_start
 
     with caplog.at_level("INFO", logger="detexp"):
-        _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export", "dataset.classes=[a]"]),
+        given = ["dataset=voc", "dataset.root=/data/export", "dataset.classes=[a]", "model.anchor_sizes=[64]"]
+        _say_where_the_weights_start(compose_train([*given, "schedule.epochs=4", "schedule.lr_steps=[3]"]),
                                      train_images=160)
         assert "+experiment=finetune" in caplog.text and "model.anchor_sizes=auto" in caplog.text
+        assert "dataset.augment (multiscale for photos)" in caplog.text
         assert ("4 epochs of 160 train images show 640, the recipe was fitted seeing 1600: "
-                "e.g. schedule.epochs=10 'schedule.lr_steps=[8]'") in caplog.text
+                "e.g. schedule.epochs=10 'schedule.lr_steps=[8]', or auto)") in caplog.text
+        caplog.clear()
+        _say_where_the_weights_start(compose_train([*given, "schedule.epochs=10", "schedule.lr_steps=[8]"]),
+                                     train_images=160)  # what `auto` gives: nothing to advise
+        assert "+experiment=finetune" in caplog.text and "train images show" not in caplog.text
         caplog.clear()
         _say_where_the_weights_start(compose_train(["dataset=voc", "dataset.root=/data/export"]), fits_anchors=True)
         assert "+experiment=finetune" in caplog.text and "anchor_sizes" not in caplog.text

@@ -15,8 +15,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import compose_train
-from detexp.commands.train import train
-from detexp.commands.tune import check_tune_config, max_concurrent_trials, tune, write_best_config
+from detexp.commands.train import find_data, train
+from detexp.commands.tune import (
+    check_search,
+    check_tune_config,
+    max_concurrent_trials,
+    tune,
+    write_best_config,
+)
 from detexp.config import TrainConfig
 from detexp.errors import ConfigError, ResourceError
 
@@ -67,16 +73,20 @@ def test_a_bad_search_is_refused_before_ray_naming_the_key(tmp_path, shapes_cach
     assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_the_default_search_is_around_the_recipe_train_runs():
+def test_the_default_search_is_around_the_recipe_train_runs(shapes_cache):
     """tune without a search space searches the recipe `train` runs, not another one."""
-    base, space = check_tune_config(compose_train([], config_name="tune"))
-    train = compose_train([])
+    cfg = compose_train([f"dataset.cache_dir={shapes_cache}"], config_name="tune")
+    base = check_tune_config(cfg)
+    train = compose_train([f"dataset.cache_dir={shapes_cache}"])
     assert base.optimizer == train.optimizer and base.model == train.model and base.schedule == train.schedule
-    assert space == {
+    find_data(base)  # the 400 shapes: 4 epochs, the lr lowered for the 4th
+    assert check_search(cfg.tune, base) == {
         "optimizer.lr": {"loguniform": [train.optimizer.lr / 4, train.optimizer.lr * 4]},
-        "schedule.lr_steps": {"choice": [[3], [2, 3]]},  # inside the default's 4 epochs
+        "schedule.lr_steps": {"choice": [[3], [2, 3]]},  # inside the 4 epochs
     }
-    smoke_base, smoke = check_tune_config(compose_train(["+experiment=smoke"], config_name="tune"))
+    smoke_cfg = compose_train(["+experiment=smoke"], config_name="tune")
+    smoke_base = check_tune_config(smoke_cfg)
+    smoke = check_search(smoke_cfg.tune, smoke_base)
     assert smoke == {"optimizer.lr": {"loguniform": [0.005, 0.08]}}  # SGD at 0.02; 2 epochs: no step to move
     assert smoke_base.optimizer.name == "sgd"
 

@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
 
 The YAML files under ``conf/`` extend these schemas, so a misspelt key
-(``optimizer.lrr=0.1``) or a wrong type (``schedule.epochs=ten``) fails while Hydra
+(``optimizer.lrr=0.1``) or a wrong type (``schedule.lr_gamma=ten``) fails while Hydra
 composes the config, in a second, naming the key - long before Ray starts.
 """
 
@@ -36,6 +36,14 @@ def _choice(name: str, *values: str) -> type[Choice]:
 
 
 OnError = _choice("OnError", "skip", "raise")  # an image whose annotation or file is broken
+
+# A value computed from the data before Ray starts (model.anchor_sizes / anchor_ratios,
+# schedule.epochs / lr_steps), then stored as numbers in the run's config.
+AUTO = "auto"
+
+
+def is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == AUTO
 
 
 class OptimizerName(Choice):
@@ -199,8 +207,15 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     name: ScheduleName = ScheduleName.multistep
-    epochs: int = 26
-    lr_steps: list[int] = field(default_factory=lambda: [16, 22])
+    # int, or `auto` (schedule=shapes_cpu): the fewest epochs, at least `min_epochs`, that show
+    # the model at least `min_images` train images (epochs x the train split), computed
+    # before Ray starts (detexp.engine.solver.resolve_auto_schedule) and stored as a number.
+    epochs: Any = 26  # int | "auto"
+    min_epochs: int = 1
+    min_images: int = 0
+    # Epochs after which the lr is multiplied by lr_gamma (multistep); `auto`: one step,
+    # for the last quarter of the epochs (4 -> [3], 10 -> [8], 13 -> [10]).
+    lr_steps: Any = field(default_factory=lambda: [16, 22])  # list[int] | "auto"
     lr_gamma: float = 0.1
     # Linear warm-up over the first iterations of epoch 0, from lr * warmup_factor to lr.
     warmup_iters: int = 250

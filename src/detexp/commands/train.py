@@ -29,7 +29,7 @@ from detexp.checkpoint.storage import (
     latest_checkpoint,
     storage_location,
 )
-from detexp.config import plain
+from detexp.config import is_auto, plain
 from detexp.data.parsing import object_name_images
 from detexp.data.problems import (
     class_names_summary,
@@ -174,26 +174,22 @@ def train(
 
 
 def find_data(cfg: DictConfig) -> DataSource:
-    """The dataset's layout and splits, said in a few lines; classes read from the data are
-    written into ``cfg`` (and so into the run's config, params and checkpoints)."""
+    """The dataset's layout and splits, said in a few lines; classes read from the data, and
+    the ``auto`` anchors and schedule fitted to its train split, are written into ``cfg`` (and
+    so into the run's config, params and checkpoints)."""
+    from detexp.engine.solver import resolve_auto_schedule
+
     source = resolve(cfg.dataset)
     log.info("%s", source.summary())
     if list(cfg.dataset.classes) != source.classes:
         cfg.dataset.classes = source.classes
     fit_auto_anchors(cfg, source)
+    resolve_auto_schedule(cfg.schedule, len(source.train))
     return source
 
 
 def _fits_anchors(model: Any) -> bool:
-    from detexp.modeling.anchors import is_auto
-
     return is_auto(model.anchor_sizes) or is_auto(model.anchor_ratios)
-
-
-# The CPU demo recipe was fitted on 4 epochs of the 400 generated train images: a train
-# split of fewer images needs more epochs to see as many (benchmarks/RESULTS.md, "The recipe
-# on real exports": 160 raccoon photos, val map_50 0.487 after 4 epochs, 0.635 after 12).
-DEMO_RECIPE_IMAGES = 1600
 
 
 def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False, train_images: int = 0) -> None:
@@ -215,24 +211,26 @@ def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False, tr
             "%s starts from random weights: the CPU demo recipe, made for the generated shapes. On your own "
             "data start from pretrained weights: +experiment=finetune (torchvision's COCO weights from "
             "$TORCH_HOME; docs/recipes.md), or model.checkpoint=<an earlier run>. The keys that matter most: "
-            "%sschedule.epochs%s, optimizer.lr", model.name,
+            "%sschedule.epochs%s, optimizer.lr, dataset.augment (multiscale for photos)", model.name,
             "" if fits_anchors else "model.anchor_sizes=auto model.anchor_ratios=auto, ",
             _epochs_advice(cfg.schedule, train_images),
         )
 
 
 def _epochs_advice(schedule: Any, train_images: int) -> str:
-    """`` (4 epochs show 640 images ...: e.g. schedule.epochs=10 'schedule.lr_steps=[8]')``
-    when the run sees fewer images than the demo recipe was fitted on, else ""."""
+    """`` (4 epochs of 160 train images show 640 ...: e.g. schedule.epochs=10 'schedule.lr_steps=[8]')``
+    when given epochs show fewer images than the recipe's ``schedule.min_images``, else ""."""
+    from detexp.engine.solver import auto_epochs, last_quarter_steps
+
     seen = schedule.epochs * train_images
-    if not train_images or seen >= DEMO_RECIPE_IMAGES:
+    if not train_images or seen >= schedule.min_images:
         return ""
-    epochs = math.ceil(DEMO_RECIPE_IMAGES / train_images)
-    steps = sorted({max(1, round(step * epochs / schedule.epochs)) for step in schedule.lr_steps if step < schedule.epochs})
+    epochs = auto_epochs(schedule, train_images)
+    steps = last_quarter_steps(epochs)
     shown = f" 'schedule.lr_steps=[{','.join(map(str, steps))}]'" if schedule.name == "multistep" and steps else ""
     return (
         f" ({schedule.epochs} epochs of {train_images} train images show {seen}, the recipe was fitted seeing "
-        f"{DEMO_RECIPE_IMAGES}: e.g. schedule.epochs={epochs}{shown})"
+        f"{schedule.min_images}: e.g. schedule.epochs={epochs}{shown}, or auto)"
     )
 
 

@@ -131,9 +131,10 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
-    """Everything that can be refused before Ray starts; returns the train part of the
-    config (absolute paths) and the search space."""
+def check_tune_config(cfg: DictConfig) -> DictConfig:
+    """Everything that can be refused before the data is read; returns the train part of the
+    config (absolute paths). The search space is checked by :func:`check_search` once the
+    data has made the ``auto`` values numbers."""
     from detexp.commands.train import check_train_config
 
     t = cfg.tune
@@ -143,8 +144,6 @@ def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
         raise ConfigError("tune.num_samples and tune.grace_period must be at least 1, tune.reduction_factor at least 2")
     if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:
         raise ConfigError(f"tune.max_concurrent_trials={t.max_concurrent_trials} must be at least 1 (or null: computed)")
-    if t.scheduler == "asha" and t.grace_period > cfg.schedule.epochs:
-        raise ConfigError(f"tune.grace_period={t.grace_period} is longer than schedule.epochs={cfg.schedule.epochs}")
     if t.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -152,9 +151,18 @@ def check_tune_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
             raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna") from None
     base = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in cfg.items() if k != "tune"})
     check_train_config(base)
+    return absolute_paths(base)
+
+
+def check_search(t: Any, base: DictConfig) -> dict[str, Any]:
+    """The search space (``tune.search_space``, or the default around ``base``'s recipe),
+    refused naming the key where it cannot be applied; ``base`` has its ``auto`` schedule
+    resolved (:func:`detexp.commands.train.find_data`)."""
+    if t.scheduler == "asha" and t.grace_period > base.schedule.epochs:
+        raise ConfigError(f"tune.grace_period={t.grace_period} is longer than schedule.epochs={base.schedule.epochs}")
     space = search_space(t, base)
     check_search_space(space, base, t.search)
-    return absolute_paths(base), space
+    return space
 
 
 @dataclass(frozen=True)
@@ -184,8 +192,9 @@ def tune(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = Non
 
     from detexp.commands.train import find_data
 
-    base, space = check_tune_config(cfg)
-    find_data(base)  # the layout found once, said once; every trial trains on the same classes
+    base = check_tune_config(cfg)
+    find_data(base)  # found and said once: every trial trains on the same classes, anchors and epochs
+    space = check_search(cfg.tune, base)
     run_dir = Path(run_dir).resolve()
     restoring = cfg.resume and ray_tune.Tuner.can_restore(str(run_dir / EXPERIMENT))
     if (run_dir / EXPERIMENT).exists() and not restoring:

@@ -11,11 +11,13 @@ to; :func:`scaled_lr` gives the lr for the run's ``num_workers * batch_size``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from detexp.config import is_auto
 from detexp.errors import ConfigError
 
 log = logging.getLogger("detexp")
@@ -31,10 +33,7 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
         raise ConfigError(f"optimizer.lr={optimizer.lr} must be positive")
     if optimizer.reference_batch is not None and optimizer.reference_batch < 1:
         raise ConfigError(f"optimizer.reference_batch={optimizer.reference_batch} must be at least 1 (or null)")
-    if schedule.epochs < 1:
-        raise ConfigError(f"schedule.epochs={schedule.epochs} must be at least 1")
-    if list(schedule.lr_steps) != sorted(schedule.lr_steps):
-        raise ConfigError(f"schedule.lr_steps={list(schedule.lr_steps)} must be increasing")
+    check_schedule(schedule)
     if not 0 < schedule.warmup_factor <= 1:
         raise ConfigError(f"schedule.warmup_factor={schedule.warmup_factor} must be in (0, 1]")
     low, high, source = USUAL_LR[str(optimizer.name)]
@@ -43,6 +42,33 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
             "optimizer.lr=%g is far %s what %s trains a detector with (%g to %g: %s); is optimizer=%s the one you meant?",
             optimizer.lr, "above" if optimizer.lr > high else "below", optimizer.name, low, high, source, optimizer.name,
         )
+
+
+def check_schedule(schedule: Any) -> None:
+    """Refuse epochs and lr steps that cannot be trained, naming the key; warn about lr
+    steps that never apply. ``auto`` values are checked once they are numbers
+    (:func:`resolve_auto_schedule`)."""
+    if is_auto(schedule.epochs):
+        if schedule.min_epochs < 1 or schedule.min_images < 0:
+            raise ConfigError(
+                f"schedule.epochs=auto needs schedule.min_epochs >= 1 and schedule.min_images >= 0 "
+                f"(given {schedule.min_epochs} and {schedule.min_images})"
+            )
+    elif isinstance(schedule.epochs, bool) or not isinstance(schedule.epochs, int):
+        raise ConfigError(f"schedule.epochs={schedule.epochs!r} must be a whole number of epochs or auto")
+    elif schedule.epochs < 1:
+        raise ConfigError(f"schedule.epochs={schedule.epochs} must be at least 1")
+    steps = schedule.lr_steps
+    if is_auto(steps):
+        return
+    if not isinstance(steps, Sequence) or isinstance(steps, str) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in steps
+    ):
+        raise ConfigError(f"schedule.lr_steps={steps!r} must be a list of epochs, e.g. [8, 11], or auto")
+    if list(steps) != sorted(steps):
+        raise ConfigError(f"schedule.lr_steps={list(steps)} must be increasing")
+    if is_auto(schedule.epochs):
+        return
     late = [s for s in schedule.lr_steps if s >= schedule.epochs]
     if schedule.name == "multistep" and late:
         log.warning(
@@ -50,6 +76,36 @@ def check_optim_config(optimizer: Any, schedule: Any) -> None:
             "from epoch s+1 on)", list(schedule.lr_steps),
             ", ".join(map(str, late)), schedule.epochs,
         )
+
+
+def auto_epochs(schedule: Any, train_images: int) -> int:
+    """``schedule.epochs=auto``: the fewest epochs, at least ``min_epochs``, whose passes over
+    ``train_images`` images show at least ``min_images``."""
+    return max(int(schedule.min_epochs), math.ceil(schedule.min_images / max(train_images, 1)))
+
+
+def last_quarter_steps(epochs: int) -> list[int]:
+    """``schedule.lr_steps=auto``: one step, the lr lowered for the last quarter of the epochs
+    (none for a run of one epoch)."""
+    return [epochs - max(1, round(epochs / 4))] if epochs >= 2 else []
+
+
+def resolve_auto_schedule(schedule: Any, train_images: int) -> None:
+    """``auto`` epochs and lr steps as numbers, in ``schedule`` itself (and so in the params
+    and checkpoints), said in one line; then checked as given numbers are."""
+    said = []
+    if is_auto(schedule.epochs):
+        schedule.epochs = auto_epochs(schedule, train_images)
+        said.append(
+            f"{schedule.epochs} epochs (schedule.epochs=auto: at least {schedule.min_epochs}, and at least "
+            f"{schedule.min_images} images shown from a train split of {train_images})"
+        )
+    if is_auto(schedule.lr_steps):
+        schedule.lr_steps = last_quarter_steps(schedule.epochs)
+        said.append(f"the lr x {schedule.lr_gamma} after epoch(s) {schedule.lr_steps} (schedule.lr_steps=auto)")
+    if said:
+        log.info("schedule: %s", "; ".join(said))
+        check_schedule(schedule)
 
 
 # The learning rates detection recipes train each optimizer with, widened a few times each

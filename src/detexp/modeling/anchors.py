@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from detexp.config import is_auto
 from detexp.data.voc import VOCRecord
 
-AUTO = "auto"
 TOLERANCE = 0.02  # of mean best IoU: a fit this close to the best with fewer anchors wins
 SCORED_SCALES = (0.8, 1.0, 1.25)  # the fit sees the boxes at these multiples of their size
 MATCH_IOU = 0.5  # the share of boxes with a best anchor at least this good is reported
@@ -76,10 +76,6 @@ class AnchorFit:
             f"{self.mean_iou:.2f} on average, >= {MATCH_IOU} for {self.matched:.0%} of them "
             f"(torchvision's anchors: {self.builder_mean_iou:.2f}, {self.builder_matched:.0%})"
         )
-
-
-def is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value == AUTO
 
 
 def resized_shapes(records: Sequence[VOCRecord], min_size: int, max_size: int) -> np.ndarray:

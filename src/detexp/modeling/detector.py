@@ -17,8 +17,8 @@ from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models import detection as tvd
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+from detexp.config import AUTO, is_auto
 from detexp.errors import ConfigError
-from detexp.modeling.anchors import AUTO, is_auto
 from detexp.modeling.roi_align import MultiScaleRoIAlign
 from detexp.modeling.weights import load_model_state
 
