@@ -49,7 +49,7 @@ def _fit_anchors(model_cfg, root: Path) -> None:
     from detexp.config import is_auto
     from detexp.data.label_stats import read_records
     from detexp.modeling.anchors import fit_model_anchors
-    from detexp.modeling.detector import RESNET_FPN_BUILDERS
+    from detexp.modeling.spec import RESNET_FPN_BUILDERS
 
     if is_auto(model_cfg.anchor_sizes) or is_auto(model_cfg.anchor_ratios):
         records, _ = read_records(root, [f"{i + 1:06d}" for i in range(NUM_TRAIN)], SHAPES_CLASSES)

@@ -68,6 +68,7 @@ def test_wrong_type_is_rejected():
     [
         ("model.name=yolo", "model.name"),
         ("model.weights=IMAGENET_V9", "model.weights"),
+        ("model.weights_backbone=IMAGENET1K_V9", "model.weights_backbone"),
         ("schedule.lr_steps=[8,4]", "schedule.lr_steps"),
         ("schedule.epochs=ten", "schedule.epochs"),  # a number or auto
         ("schedule.lr_steps=soon", "schedule.lr_steps"),

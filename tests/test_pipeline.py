@@ -110,15 +110,15 @@ def test_what_rays_control_actors_and_decode_tasks_run_does_not_import_torch(ray
     from detexp.config import plain
     from detexp.distributed.controller import ForwardReports
     from detexp.distributed.plan import WorkerPlan
-    from detexp.distributed.trainer import torch_trainer
+    from detexp.distributed.trainer import data_parallel_trainer
 
     _write_voc(tmp_path, "000", size=(40, 32), box=(2, 2, 20, 20))
     _write_voc(tmp_path, "001", size=(40, 32), box=(2, 2, 20, 20))
     cfg = compose_train(["dataset=voc", f"dataset.root={tmp_path}", "dataset.classes=[block]", "dataset.val_fraction=0.5"])
     datasets, _, _ = _load_datasets(cfg, resolve(cfg.dataset))
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = torch_trainer(WorkerPlan(cfg=plain(cfg), events=queue), datasets, cfg.scaling,
-                            storage_location(None, tmp_path / "run"), keep=1, callbacks=[ForwardReports(queue)])
+    trainer = data_parallel_trainer(WorkerPlan(cfg=plain(cfg), events=queue), datasets, cfg.scaling,
+                                    storage_location(None, tmp_path / "run"), keep=1, callbacks=[ForwardReports(queue)])
     pickled = tmp_path / "controller.pkl"
     # the TrainController's own arguments, as DataParallelTrainer.fit() passes them
     pickled.write_bytes(ray.cloudpickle.dumps(

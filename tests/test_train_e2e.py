@@ -3,7 +3,13 @@ SQLite store: what a user sees after ``python -m detexp train +experiment=smoke`
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -75,17 +81,30 @@ def test_smoke_run_logs_everything_and_stops_early(ray_cluster, smoke_cfg, tmp_p
     assert ckpt["config"]["optimizer"]["lr"] == pytest.approx(lr)  # what it trained with
 
 
-def test_a_second_run_with_the_same_seed_trains_the_same_losses(trained_smoke, tmp_path):
-    """The shared smoke run, trained again in another run directory and store: the shuffle,
-    every image's flip and the initial weights come from ``seed``, so each epoch's losses
-    repeat to the last digit; and the flips change from one epoch to the next."""
-    from conftest import compose_train
-
+def test_the_command_trains_the_shared_runs_losses_again_without_importing_torch_itself(trained_smoke, tmp_path):
+    """The shared smoke run, trained again by ``python -m detexp train`` in another run
+    directory and store: the shuffle, every image's flip and the initial weights come from
+    ``seed``, so each epoch's losses repeat to the last digit (and the flips change from one
+    epoch to the next). The command's own process checks, reads, trains on Ray's workers
+    and writes its final report without importing torch or torchvision: a Tune trial's
+    actor runs the same code, and on a small machine each import is seconds of CPU before
+    the first step. It joins the session's Ray, as the command joins a running cluster."""
     overrides = [o for o in trained_smoke.overrides if not o.startswith(("tracking.", "progress_every_s"))]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    again = train(compose_train([*overrides, f"tracking.uri={uri}", "eval_at_end=false"]), tmp_path / "again")
-    first, second = MlflowClient(tracking_uri=trained_smoke.uri), MlflowClient(tracking_uri=uri)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "detexp", "train", *overrides, "hydra.run.dir=again"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    said = out.stdout + out.stderr
+    assert out.returncode == 0 and "done:" in said, said[-3000:]
+    assert (tmp_path / "again" / "eval" / "metrics.json").is_file()  # the report at the end
+    imported = re.findall(r"^import time:.*\|\s*(\S+)$", out.stderr, re.M)  # the command's own process
+    assert "ray.train" in imported and "faster_coco_eval" in imported  # what it needs, it imports
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "torchvision")]
+
+    first, second = MlflowClient(tracking_uri=trained_smoke.uri), MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (again,) = second.search_runs([second.get_experiment_by_name("detexp").experiment_id])
     for key in ("train/loss", "train/loss_classifier", "train/loss_objectness"):
         expected = _history(first, trained_smoke.result["run_id"], key)
         assert len(expected) == 2 and expected[0] != expected[1]
-        assert _history(second, again["run_id"], key) == expected, key
+        assert _history(second, again.info.run_id, key) == expected, key

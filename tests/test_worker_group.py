@@ -1,4 +1,5 @@
-"""Ray Train's worker group as detexp configures it (``controller.ProcessGroupConfig``):
+"""Ray Train's worker group as detexp configures it (``DataParallelTrainer`` with
+``controller.ProcessGroupConfig``):
 two or more workers get the torch process group DDP trains with; one worker gets none,
 so that Ray Train's controller never imports torch for it."""
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from detexp.distributed.controller import ProcessGroupConfig
 
@@ -42,8 +43,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     (2, {"grouped": True, "world": 2, "backend": "gloo", "sum": 2.0, "workers": 2}),
 ])
 def test_two_workers_share_a_gloo_process_group_and_one_worker_has_none(ray_cluster, tmp_path, workers, want):
-    trainer = TorchTrainer(
-        _write_process_group, train_loop_config=str(tmp_path), torch_config=ProcessGroupConfig(),
+    trainer = DataParallelTrainer(  # as detexp.distributed.trainer makes it, on the CPU
+        _write_process_group, train_loop_config=str(tmp_path), backend_config=ProcessGroupConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="group", storage_path=str(tmp_path)),
     )

@@ -17,12 +17,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from detexp.epoch_report import EPOCH, IMPROVED
 from detexp.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("detexp")
 
@@ -70,6 +71,8 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
 
     Loaded with ``weights_only=True`` and memory-mapped, so the tensors are not read here.
     """
+    import torch  # here: the driver of a run that reads no checkpoint never imports torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - old (non-zip) files cannot be mapped; try plainly

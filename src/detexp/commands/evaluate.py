@@ -25,10 +25,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -51,6 +50,9 @@ from detexp.evaluation.diagnostics import (
     write_confusion_matrix,
     write_threshold_curves,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("detexp")
 WORST_IMAGES = 8  # images in worst_images.jpg

@@ -53,9 +53,13 @@ log = logging.getLogger("detexp")
 def check_train_config(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express; all run before Ray starts."""
     from detexp.engine.solver import check_optim_config
-    from detexp.modeling.detector import check_model_config
+    from detexp.modeling.spec import check_model_config, names_pretrained_weights
 
     check_model_config(cfg.model)
+    if names_pretrained_weights(cfg.model):  # torchvision's weight enums tell the names
+        from detexp.modeling.detector import check_weight_names
+
+        check_weight_names(cfg.model)
     check_optim_config(cfg.optimizer, cfg.schedule)
     if cfg.dataset.batch_size < 1:
         raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} must be at least 1")
@@ -196,10 +200,10 @@ def _say_where_the_weights_start(cfg: DictConfig, fits_anchors: bool = False, tr
     """One line before Ray starts when the start is not what the user may think: random
     weights on data that is not the generated shapes (with the epochs a small split needs),
     or a checkpoint of other classes."""
-    from detexp.modeling.detector import checkpoint_classes
-
     model, classes = cfg.model, len(cfg.dataset.classes) + 1
     if model.checkpoint is not None:
+        from detexp.modeling.detector import checkpoint_classes
+
         found = checkpoint_classes(model.checkpoint)
         if found != classes:
             log.info(
@@ -261,7 +265,7 @@ def fit_auto_anchors(cfg: DictConfig, source: DataSource) -> None:
 
     from detexp.data.label_stats import read_records
     from detexp.modeling.anchors import fit_model_anchors
-    from detexp.modeling.detector import RESNET_FPN_BUILDERS
+    from detexp.modeling.spec import RESNET_FPN_BUILDERS
 
     model = cfg.model
     if not _fits_anchors(model):
@@ -277,11 +281,23 @@ def fit_auto_anchors(cfg: DictConfig, source: DataSource) -> None:
     model.anchor_sizes, model.anchor_ratios = fit.sizes, fit.ratios
 
 
+def weight_files(model: Any) -> list[Path]:
+    """The torchvision weight files ``model`` names, in the torch hub cache (downloaded
+    there when missing, or refused: never in a worker); none, and no torch import on the
+    driver, for a model that names none (:func:`detexp.modeling.detector.weight_files`)."""
+    from detexp.modeling.spec import names_pretrained_weights
+
+    if not names_pretrained_weights(model):
+        return []
+    from detexp.modeling.detector import weight_files as cached_weight_files
+
+    return cached_weight_files(model)
+
+
 def _plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str], tags: Mapping[str, str] | None) -> TrainRun:
     """Where the run writes and what it continues; the weights and the MLflow store
     checked. Refuses a run directory that holds checkpoints unless ``resume`` is set."""
     from detexp.engine.solver import scaled_lr
-    from detexp.modeling.detector import weight_files
     from detexp.tracking.mlflow_runs import Tracker, default_tags
 
     storage = storage_location(cfg.scaling.storage_path, run_dir)
@@ -291,7 +307,7 @@ def _plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str], tags: Mappin
             f"{run_dir} already holds a run's checkpoints (last: epoch {previous.epoch + 1}); "
             "pass resume=true to continue it, or choose another hydra.run.dir"
         )
-    weights = weight_files(cfg.model)  # cached or downloaded here, or refused: never in a worker
+    weights = weight_files(cfg.model)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # refuses a dead server early
     resolved = plain(cfg)
     lr = scaled_lr(cfg.optimizer, cfg.scaling.num_workers, cfg.dataset.batch_size)

@@ -222,8 +222,8 @@ def _start_search(t: Any, base: DictConfig, space: dict[str, Any], run_dir: Path
     config written and the parent run started (or resumed)."""
 
     from detexp.checkpoint.files import RUN_ID_FILE
+    from detexp.commands.train import weight_files
     from detexp.distributed import cluster
-    from detexp.modeling.detector import weight_files
     from detexp.tracking.mlflow_runs import Tracker, default_tags, sweep_run_name
 
     weight_files(base.model)  # in the cache (or downloaded) before any trial starts

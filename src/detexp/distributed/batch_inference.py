@@ -23,17 +23,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
 from detexp.config import plain
 from detexp.evaluation.records import prediction_table
-from detexp.modeling.detector import inference_model
+
+if TYPE_CHECKING:  # torch is imported where a model runs: the driver reads rows only
+    import torch
 
 log = logging.getLogger("detexp")
 
@@ -71,8 +72,10 @@ class Predictor:
         sharing: int = 1,
     ):
         import ray
+        import torch
 
         from detexp.distributed.cluster import torch_threads
+        from detexp.modeling.detector import inference_model
 
         threads = torch_threads(threads, sharing)
         if threads:  # torch would otherwise start one thread per core of the machine

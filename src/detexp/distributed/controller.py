@@ -1,5 +1,6 @@
-"""What runs inside Ray Train's controller process: the dataset split, the process group
-of the workers and the callback that hands reports and worker failures to the driver.
+"""What runs inside Ray Train's controller process: the train function it hands the
+workers, the dataset split, the process group of the workers and the callback that hands
+reports and worker failures to the driver.
 
 Ray unpickles these objects in the controller (with the run's
 :class:`~detexp.distributed.plan.WorkerPlan`), and their dataset plan in its DatasetManager
@@ -21,6 +22,8 @@ from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.util import TrainingFramework
 from ray.util.queue import Queue
 
+from detexp.distributed.plan import WorkerPlan
+
 
 @dataclass
 class ProcessGroupConfig(BackendConfig):
@@ -30,7 +33,7 @@ class ProcessGroupConfig(BackendConfig):
     (Ray's would start a gloo group whose TCP thread wakes 100 times a second). Elastic
     training decides again at every restart, by the size of the new group."""
 
-    backend: str | None = None  # None: nccl with GPUs, else gloo (TorchTrainer fills it in)
+    backend: str | None = None  # nccl with GPUs, else gloo (trainer.data_parallel_trainer says which)
     init_method: str = "env"
     timeout_s: int = 1800
 
@@ -39,10 +42,8 @@ class ProcessGroupConfig(BackendConfig):
         return _ProcessGroup
 
     @property
-    def train_func_context(self):  # read on the driver, run in the workers
-        from ray.train.torch.config import TorchConfigContextManager
-
-        return TorchConfigContextManager
+    def train_func_context(self):  # read on the driver, entered in the workers
+        return _WorkerDevice
 
     @property
     def framework(self):
@@ -52,6 +53,29 @@ class ProcessGroupConfig(BackendConfig):
         from ray.train.torch.config import TorchConfig
 
         return TorchConfig(backend=self.backend, init_method=self.init_method, timeout_s=self.timeout_s)
+
+
+def run_worker(plan: WorkerPlan) -> None:
+    """What every Train worker runs: :func:`detexp.distributed.worker_loop.train_loop_per_worker`,
+    imported in the worker. Ray pickles this function by its module's name, so the driver
+    that hands it to the trainer and the controller that unpickles it import no torch."""
+    from detexp.distributed.worker_loop import train_loop_per_worker
+
+    train_loop_per_worker(plan)
+
+
+class _WorkerDevice:
+    """Ray's ``TorchConfigContextManager`` (a worker's default CUDA device is its own),
+    imported in the worker: the driver that wraps the train function imports no torch."""
+
+    def __enter__(self):
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._device = TorchConfigContextManager()
+        return self._device.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._device.__exit__(*exc_info)
 
 
 class _ProcessGroup(Backend):

@@ -1,5 +1,10 @@
-"""The TorchTrainer of one training run, with each epoch's report, each worker failure and
-rank 0's live progress streamed back to the driver while it runs.
+"""The Ray Train trainer of one training run, with each epoch's report, each worker failure
+and rank 0's live progress streamed back to the driver while it runs.
+
+It is Ray's ``DataParallelTrainer`` with the torch process group of
+:class:`~detexp.distributed.controller.ProcessGroupConfig`: what ``TorchTrainer`` is, without
+its torch import on the driver (a Tune trial's actor is one), which pays seconds of CPU for
+it before the first training step on a small machine (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,16 +22,20 @@ from typing import Any
 import ray
 import ray.train
 from ray.train import UserCallback
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from detexp.checkpoint.storage import RunStorage
 from detexp.distributed.cluster import data_cpus_kept
-from detexp.distributed.controller import ForwardReports, ProcessGroupConfig, ValidationNotDropped
+from detexp.distributed.controller import (
+    ForwardReports,
+    ProcessGroupConfig,
+    ValidationNotDropped,
+    run_worker,
+)
 from detexp.distributed.plan import WorkerPlan
 from detexp.distributed.watchdog import STALL_KEY
-from detexp.distributed.worker_loop import train_loop_per_worker
 from detexp.errors import WorkerStalledError
 
 log = logging.getLogger(__name__)
@@ -59,7 +68,7 @@ def fit(
     keep: int,
     callbacks: Sequence[UserCallback] = (),
 ) -> ray.train.Result:
-    """Run the TorchTrainer on ``scaling``'s workers, keeping the last ``keep`` checkpoints
+    """Run the trainer on ``scaling``'s workers, keeping the last ``keep`` checkpoints
     in ``storage``; re-using a ``storage`` resumes from the last checkpoint of that run.
     ``callbacks``: more Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
     # On the driver's node, as Ray Train's controller: losing another node must not lose the reports.
@@ -67,7 +76,7 @@ def fit(
         ray.get_runtime_context().get_node_id(), soft=False)})
     # rank 0 puts its progress into the same queue, and a stalled worker its last word
     plan = dataclasses.replace(plan, events=queue, live_steps=driver.on_step is not None)
-    trainer = torch_trainer(plan, datasets, scaling, storage, keep=keep, callbacks=[ForwardReports(queue), *callbacks])
+    trainer = data_parallel_trainer(plan, datasets, scaling, storage, keep=keep, callbacks=[ForwardReports(queue), *callbacks])
     stop = threading.Event()
     pump = _Pump(queue, stop, driver)
     thread = threading.Thread(target=pump.run, name="detexp-progress", daemon=True)
@@ -89,14 +98,15 @@ def fit(
         ray.kill(queue.actor)
 
 
-def torch_trainer(plan: WorkerPlan, datasets: dict[str, ray.data.Dataset], scaling: Any, storage: RunStorage, *,
-                  keep: int, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
-    """The TorchTrainer of :func:`fit`; what it hands its controller imports no torch there
-    (``controller.ProcessGroupConfig``, ``plan.WorkerPlan``)."""
-    return TorchTrainer(
-        train_loop_per_worker,
+def data_parallel_trainer(plan: WorkerPlan, datasets: dict[str, ray.data.Dataset], scaling: Any,
+                          storage: RunStorage, *, keep: int,
+                          callbacks: Sequence[UserCallback] = ()) -> DataParallelTrainer:
+    """The trainer of :func:`fit`: neither the driver nor the controller imports torch for
+    it (``controller.run_worker``, ``plan.WorkerPlan``, ``controller.ProcessGroupConfig``)."""
+    return DataParallelTrainer(
+        run_worker,
         train_loop_config=plan,
-        torch_config=ProcessGroupConfig(),
+        backend_config=ProcessGroupConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             # (min, max) is Ray Train's elastic mode: it restarts on the workers it can place
             num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from detexp.config import is_auto
 from detexp.errors import ConfigError
+
+if TYPE_CHECKING:  # the config checks run on the driver, which imports no torch
+    import torch
 
 log = logging.getLogger("detexp")
 
@@ -129,6 +130,8 @@ def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.opt
     kernel for their device: one vectorised pass over all parameters instead of a few
     tensor operations per parameter: the same update up to float rounding, several times
     faster on a CPU (benchmarks/RESULTS.md)."""
+    import torch
+
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
     if cfg.name == "sgd":
@@ -140,6 +143,8 @@ def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.opt
 
 def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-epoch schedule (stepped once at the end of every epoch)."""
+    import torch
+
     if cfg.name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
     if cfg.name == "cosine":
@@ -153,6 +158,8 @@ def build_warmup(cfg: Any, optimizer: torch.optim.Optimizer, steps_in_epoch: int
     Like torchvision's references it never outlasts the first epoch, so a short epoch
     ends warm-up early rather than dragging it into epoch 1.
     """
+    import torch
+
     iters = cfg.warmup_iters if steps_in_epoch is None else min(cfg.warmup_iters, steps_in_epoch - 1)
     if iters <= 0:
         return None

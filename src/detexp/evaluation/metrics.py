@@ -22,7 +22,8 @@ The VOC mean is taken over classes with at least one non-difficult object. A cla
 has AP NaN and is left out of the mean (the devkit would divide by zero there); a class with
 objects but no detections has AP 0 and pulls the mean down.
 
-Plain numpy/torch: no Ray, Hydra or MLflow here, so the engine and tests can use it directly.
+Plain numpy: no Ray, Hydra or MLflow here, so the engine and tests can use it directly; torch
+tensors are taken too, without importing torch (the driver that reports a run has none).
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
@@ -125,8 +126,14 @@ class _ClassMatches:
         return voc_ap(*self.pr_curve(), use_07_metric=use_07_metric)
 
 
+def _is_tensor(value: Any) -> bool:
+    """A torch tensor, told without importing torch (there is none unless torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _to_numpy(value: Any, dtype: type, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         value = value.detach().cpu().numpy()
     try:
         return np.asarray(value, dtype=dtype)
@@ -146,7 +153,7 @@ def _boxes(value: Any, name: str) -> np.ndarray:
 def _image_id(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         value = value.item()
     return str(value)
 

@@ -20,9 +20,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from detexp.config import AUTO, is_auto
 from detexp.errors import ConfigError
 from detexp.modeling.roi_align import MultiScaleRoIAlign
+from detexp.modeling.spec import MOBILENET_STAGES, RESNET_FPN_BUILDERS
+from detexp.modeling.spec import check_model_config as check_model_spec
 from detexp.modeling.weights import load_model_state
 
-# name -> (builder, detector weight enum, backbone weight enum)
+# name -> (builder, detector weight enum, backbone weight enum), for each of spec.MODEL_NAMES
 BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
     "fasterrcnn_resnet50_fpn": (
         tvd.fasterrcnn_resnet50_fpn, tvd.FasterRCNN_ResNet50_FPN_Weights, ResNet50_Weights,
@@ -42,16 +44,6 @@ BUILDERS: dict[str, tuple[Callable[..., tvd.FasterRCNN], Any, Any]] = {
     ),
 }
 
-# Builders whose box head is not torchvision's TwoMLPHead (model.box_head_size cannot apply).
-CONV_BOX_HEADS = ("fasterrcnn_resnet50_fpn_v2",)
-
-# The ResNet-50 FPN builders: their FPN reads strides 4 to 32 and their anchor generator
-# has one size per level (5 levels). The others (the MobileNet ones) put all their anchor
-# sizes on each of their feature maps.
-RESNET_FPN_BUILDERS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2")
-RESNET_FPN_LEVELS = 5
-MOBILENET_STAGES = 6  # torchvision's MobileNetV3-Large extractor: stages 0 (stem) to 5 (last conv)
-
 
 def _weight(enum: Any, name: str | None, key: str) -> Any:
     if name is None:
@@ -65,49 +57,18 @@ def _weight(enum: Any, name: str | None, key: str) -> Any:
 
 
 def check_model_config(cfg: Any) -> None:
-    """Fail on an unknown model name or weight before any work starts."""
-    if cfg.name not in BUILDERS:
-        raise ConfigError(f"model.name={cfg.name!r} is unknown; choose one of: {', '.join(BUILDERS)}")
+    """Fail on an unknown model name or weight, or a model key out of range, before any
+    work starts: :func:`detexp.modeling.spec.check_model_config` and the weight names."""
+    check_model_spec(cfg)
+    check_weight_names(cfg)
+
+
+def check_weight_names(cfg: Any) -> None:
+    """``model.weights`` and ``model.weights_backbone`` name members of the builder's
+    torchvision weight enums (``DEFAULT``, ``COCO_V1``, ...)."""
     _, weights_enum, backbone_enum = BUILDERS[cfg.name]
     _weight(weights_enum, cfg.weights, "model.weights")
     _weight(backbone_enum, cfg.weights_backbone, "model.weights_backbone")
-    if cfg.roi_sampling_ratio < 0:
-        raise ConfigError(
-            f"model.roi_sampling_ratio={cfg.roi_sampling_ratio} must be 0 (adaptive) or more "
-            "(points per RoIAlign bin side; torchvision uses 2)"
-        )
-    if cfg.box_head_size is not None and cfg.box_head_size < 1:
-        raise ConfigError(f"model.box_head_size={cfg.box_head_size} must be at least 1 (torchvision: 1024)")
-    if cfg.box_head_size is not None and cfg.name in CONV_BOX_HEADS:
-        raise ConfigError(
-            f"model.box_head_size={cfg.box_head_size}: {cfg.name}'s box head has convolutions, "
-            "not the two fully connected layers it sizes; leave it null"
-        )
-    if not 0.0 < cfg.box_positive_fraction <= 1.0:
-        raise ConfigError(
-            f"model.box_positive_fraction={cfg.box_positive_fraction} must be above 0 and at most 1 "
-            "(the largest share of sampled RoIs that are objects; torchvision: 0.25)"
-        )
-    _check_anchors(cfg)
-    _check_returned_layers(cfg)
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
-        raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: no such file")
-
-
-def _check_returned_layers(cfg: Any) -> None:
-    layers = cfg.returned_layers
-    if layers is None:
-        return
-    if cfg.name in RESNET_FPN_BUILDERS:
-        raise ConfigError(
-            f"model.returned_layers={list(layers)}: only for the MobileNet builders ({cfg.name} "
-            "already reads strides 4 to 32); leave it null"
-        )
-    if len(layers) == 0 or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < MOBILENET_STAGES:
-        raise ConfigError(
-            f"model.returned_layers={list(layers)} must be distinct stages in increasing order, "
-            f"each 0 to {MOBILENET_STAGES - 1} (the builder's: [4, 5])"
-        )
 
 
 def _set_returned_layers(model: tvd.FasterRCNN, cfg: Any) -> None:
@@ -133,24 +94,6 @@ def _set_returned_layers(model: tvd.FasterRCNN, cfg: Any) -> None:
     for name, parameter in backbone.body.named_parameters():
         parameter.requires_grad_(trains[name].requires_grad)
     model.backbone = backbone
-
-
-def _check_anchors(cfg: Any) -> None:
-    for key, values in (("model.anchor_sizes", cfg.anchor_sizes), ("model.anchor_ratios", cfg.anchor_ratios)):
-        if values is None or is_auto(values):
-            continue
-        if isinstance(values, str) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) \
-                or len(values) == 0 or min(values) <= 0:
-            raise ConfigError(
-                f"{key}={values if isinstance(values, str) else list(values)} must be a non-empty list of positive "
-                f"numbers, {AUTO} (fitted to the train split's boxes) or null (the builder's)"
-            )
-    sizes = cfg.anchor_sizes
-    if sizes is not None and not is_auto(sizes) and cfg.name in RESNET_FPN_BUILDERS and len(sizes) != RESNET_FPN_LEVELS:
-        raise ConfigError(
-            f"model.anchor_sizes={list(sizes)}: {cfg.name} has one anchor size per FPN level, "
-            f"so it needs {RESNET_FPN_LEVELS} sizes, smallest first (the builder's: [32, 64, 128, 256, 512])"
-        )
 
 
 def _set_anchors(model: tvd.FasterRCNN, cfg: Any) -> None:
