@@ -155,6 +155,33 @@ def test_training_rows_come_in_a_new_order_every_epoch(ray_cluster, tmp_path):
     assert set(epochs[0][:8]) != set(epochs[1][:8])  # not the same first batch in both epochs
 
 
+
+def test_an_images_flip_comes_from_the_seed_the_epoch_and_its_id_not_from_the_task_it_lands_in(ray_cluster, tmp_path):
+    """The same rows cut into other blocks (other decode tasks, in another order) flip the
+    same images; the next epoch flips others. A run repeats its batches only so."""
+    from detexp.data.pipeline import decode_images
+
+    ids = [f"{i:03d}" for i in range(40)]
+    for image_id in ids:
+        _write_voc(tmp_path, image_id, size=(40, 32), box=(2, 2, 20, 20))
+
+    def rows():  # read as a run reads them: a dataset of its own counts its executions (epochs)
+        return read_annotations(tmp_path, ids, ["block"]).materialize()
+
+    def flipped(ds) -> set[str]:  # the box of every image is at x 2-20 of 40; flipped, at 20-38
+        return {i for b in ds.iter_batches(batch_size=8, batch_format="pyarrow")
+                for i, box in zip(b["image_id"].to_pylist(), b["boxes"].to_pylist(), strict=True) if box[0] > 10}
+
+    one_block = decode_images(rows().repartition(1), tmp_path, hflip_prob=0.5, seed=3, augment="hflip")
+    five_blocks = decode_images(rows().repartition(5).random_shuffle(seed=1), tmp_path, hflip_prob=0.5, seed=3, augment="hflip")
+    first = flipped(one_block)
+    assert 8 < len(first) < 32  # about half
+    assert flipped(five_blocks) == first
+    assert flipped(one_block) != first  # its second execution: the next epoch
+    other_seed = decode_images(rows().repartition(1), tmp_path, hflip_prob=0.5, seed=4, augment="hflip")
+    assert flipped(other_seed) != first
+
+
 def _two_blocks(root: Path) -> Path:
     """A 160 x 120 black image with two white blocks, one in a corner, and their XML."""
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
@@ -179,17 +206,15 @@ def test_augmentation_presets_keep_boxes_on_their_objects_and_repeat_with_the_se
     """torchvision's ssd and lsj presets, in the decode step: every box kept is inside the
     image and covers white pixels, a box cropped away goes with its label and difficult
     flag, the same seed gives the same image and the seeds of an epoch give many."""
-    import pyarrow as pa
 
     from detexp.data.voc import ImageEntry
 
     _two_blocks(tmp_path)
     table = _read_annotations(str(tmp_path), [ImageEntry("b", "JPEGImages/b.png", "Annotations/b.xml")], ("block",))
     seen = set()
-    for seed in np.linspace(0.01, 0.99, 24):
-        seeded = table.append_column("aug_seed", pa.array([float(seed)]))
-        out = decode_batch(seeded, str(tmp_path), hflip_prob=0.5, augment=preset, size=128)
-        again = decode_batch(seeded, str(tmp_path), hflip_prob=0.5, augment=preset, size=128)
+    for seed in range(24):
+        out = decode_batch(table, str(tmp_path), hflip_prob=0.5, augment=preset, size=128, seed=seed)
+        again = decode_batch(table, str(tmp_path), hflip_prob=0.5, augment=preset, size=128, seed=seed)
         assert out.column("image").to_pylist() == again.column("image").to_pylist()
         (image,), (target,) = batch_to_tensors(out)
         height, width = image.shape[1:]

@@ -17,8 +17,9 @@ references name them, applied in the decode tasks to one image and its boxes at 
 docs/recipes.md). After them every box is clamped to the image and boxes narrower than 1 px
 are dropped, with their labels.
 
-Every draw comes from the row's seed (:data:`detexp.data.pipeline.AUG_SEED`), so a run
-repeats its augmentation and the next epoch draws anew.
+Every draw comes from the row's generator (the run's seed, the epoch and the image id:
+:func:`detexp.data.pipeline.decode_batch`), so a run repeats its augmentation and the next
+epoch draws anew.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ cost each of those processes 4-6 CPU seconds before the first batch (see
 from __future__ import annotations
 
 import itertools
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,20 +24,17 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 from PIL import Image
-from ray.data.expressions import col, random
+from ray.data.expressions import col
 
 from detexp.data.files import DataRoot, as_root
 
 if TYPE_CHECKING:
     import torch
 
-# A float in [0, 1) per train row and epoch, from Ray Data's seeded random(): the seed of
-# the row's augmentation, so that a run repeats its flips (and the next epoch draws new ones).
-AUG_SEED = "aug_seed"
-
 
 def decode_batch(
-    batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0, augment: str = "hflip", size: int | None = None
+    batch: pa.Table, root: DataRoot | str, hflip_prob: float = 0.0, augment: str = "hflip", size: int | None = None,
+    seed: int | None = None,
 ) -> pa.Table:
     """``map_batches`` step: read each row's ``image_file`` (relative to ``root``, a folder
     or a URI), convert to RGB and, for training, put it with its boxes through the
@@ -44,9 +42,10 @@ def decode_batch(
     which ``lsj`` crops to). Output pixels are uint8 CHW bytes; the float conversion
     happens on the worker's device, which keeps the object store 4x smaller.
 
-    Training rows carry an :data:`AUG_SEED` column (:func:`decode_images` adds it): each
-    row's draws come from it, so a run repeats them; a batch without one (validation)
-    draws from seed 0, which with ``hflip_prob=0`` and ``hflip`` changes nothing.
+    With a ``seed`` (training), each row's draws come from the seed, the epoch (Ray Data's
+    count of the dataset's executions) and the row's image id: a run repeats them whatever
+    task a row lands in, and the next epoch draws new ones. Without one (validation) they
+    come from seed 0, which with ``hflip_prob=0`` and ``hflip`` changes nothing.
 
     The ``hflip`` and ``multiscale`` presets use only PIL and numpy here, because importing
     torchvision costs each decode process about 6 CPU seconds (it imports ``torch._dynamo``),
@@ -54,9 +53,9 @@ def decode_batch(
     from detexp.data.augment import augment as augment_image
 
     root = as_root(root)
-    seeded = AUG_SEED in batch.column_names
-    if seeded:
-        rngs = (_row_rng(seed) for seed in batch.column(AUG_SEED).to_pylist())
+    if seed is not None:
+        epoch = _execution_index()
+        rngs = (_row_rng(seed, epoch, image_id) for image_id in batch.column("image_id").to_pylist())
     else:
         rngs = itertools.repeat(np.random.default_rng(0))
     kept_rows: dict[int, np.ndarray] = {}  # row -> the boxes a crop kept, where it dropped some
@@ -73,7 +72,7 @@ def decode_batch(
         images.append(np.ascontiguousarray(pixels).tobytes())
         shapes.append(list(pixels.shape))
         boxes_out.append(boxes.reshape(-1).tolist())
-    out = batch.drop_columns(["boxes", *([AUG_SEED] if seeded else [])])
+    out = batch.drop_columns(["boxes"])
     for name in ("labels", "difficult") if kept_rows else ():  # boxes left outside a crop: their labels go too
         values = out.column(name).to_pylist()
         for n, kept in kept_rows.items():
@@ -87,8 +86,19 @@ def decode_batch(
     )
 
 
-def _row_rng(seed: float) -> np.random.Generator:
-    return np.random.default_rng(int(seed * 2**53))  # every bit of the float's mantissa
+def _row_rng(seed: int, epoch: int, image_id: str) -> np.random.Generator:
+    return np.random.default_rng([zlib.crc32(image_id.encode()), epoch, seed])
+
+
+def _execution_index() -> int:
+    """Which execution of the dataset this task decodes for (0 in the first epoch, 1 in the
+    second, ...): Ray Data's own count, by which its seeded ``random()`` and
+    ``random_shuffle`` draw anew each epoch. (Their draws also depend on the index of the
+    task, which depends on the order blocks arrive in: a row's draw would change from one
+    run to the next.)"""
+    from ray.data import DataContext
+
+    return int(DataContext.get_current()._execution_idx)
 
 
 def decode_images(
@@ -96,14 +106,13 @@ def decode_images(
     augment: str | None = None, size: int | None = None,
 ) -> ray.data.Dataset:
     """Usable images only (``ok``), decoded; pixels are read lazily, never on the driver.
-    With ``augment`` (training), each row's draws come from ``seed`` and the dataset's
-    execution (one per epoch): the same for the same seed, new every epoch."""
+    With ``augment`` (training), each row's draws come from ``seed``, the epoch and its
+    image id: the same for the same seed, new every epoch."""
     usable = annotations.filter(expr=col("ok"))
-    if augment is not None:
-        usable = usable.with_column(AUG_SEED, random(seed=seed, reseed_after_execution=True))
     return usable.map_batches(
         decode_batch,
-        fn_kwargs={"root": as_root(root), "hflip_prob": hflip_prob, "augment": augment or "hflip", "size": size},
+        fn_kwargs={"root": as_root(root), "hflip_prob": hflip_prob, "augment": augment or "hflip", "size": size,
+                   "seed": seed if augment is not None else None},
         batch_format="pyarrow",
         batch_size=16,
     )
