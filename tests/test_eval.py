@@ -81,6 +81,8 @@ def test_train_validates_every_epoch_and_reports_at_the_end(trained):
     assert metrics["map_50"] == pytest.approx(trained.result["best/value"], abs=1e-3)
     assert any("from the validation the model had in training" in line for line in trained.log)
     assert not any(line.startswith("predicted ") for line in trained.log)
+    # ... and no second read of the split: the dataset is said once, before training
+    assert sum(line.startswith("dataset ") for line in trained.log) == 1, trained.log
 
 
 def _coco_reference(run_dir: Path, root: Path, ids: list[str]) -> tuple[dict[str, float], list[dict]]:

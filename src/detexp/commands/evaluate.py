@@ -68,6 +68,7 @@ def evaluate_split(
     score_threshold: float = 0.5,
     grid_images: int = GRID_IMAGES,
     predictions: Any = None,
+    source: Any = None,
 ) -> tuple[dict[str, Any], list[Path], Summary]:
     """Predict ``cfg.dataset``'s val split with ``cfg.model`` and ``state`` on the running
     Ray, and write ``metrics.json``, ``predictions.jsonl``, ``per_class_ap.csv/.md``,
@@ -75,13 +76,19 @@ def evaluate_split(
     ``score_threshold`` (``confusion_matrix.csv/.png``, ``threshold_curves.csv/.png``,
     ``worst_images.jpg``) into ``out_dir``. ``predictions``: the rows a train worker kept
     of this model's validation (a pyarrow Table of PREDICTION_SCHEMA rows, the first
-    ``grid_images`` images drawn), written up instead of predicting again. Returns the metrics
+    ``grid_images`` images drawn), written up instead of predicting again; with them,
+    ``source`` is the training's :class:`~detexp.data.source.DataSource`, whose val split
+    they are (its annotations are then not read again). Returns the metrics
     (``DetectionEvaluator.compute()``), the files written and the diagnostics' totals."""
     from detexp.data.pipeline import decode_images
     from detexp.evaluation.metrics import DetectionEvaluator
 
     out_dir = Path(out_dir)
-    split = _read_split(cfg, out_dir, batch_size)
+    if predictions is not None and source is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        split = _Split(source.root, source.classes, {e.image_id: e.image for e in source.val}, None, predictions.num_rows)
+    else:
+        split = _read_split(cfg, out_dir, batch_size)
     classes = split.classes
     if predictions is None:
         log.info("evaluating %d images of %s (%s) with %d actor(s)", split.usable, split.root,
@@ -119,7 +126,7 @@ class _Split:
     root: DataRoot
     classes: list[str]
     images: dict[str, str]  # image id -> image file, relative to the root
-    annotations: Any  # ray.data.Dataset of annotation rows, in blocks of a few batches
+    annotations: Any  # ray.data.Dataset of annotation rows, in blocks of a few batches (None: not read)
     usable: int  # images left after the error policy
 
 
@@ -262,13 +269,14 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | No
 
 
 def report_training(
-    cfg: DictConfig, checkpoint: Any, run_dir: str | Path, tracker, predictions: Any = None,
+    cfg: DictConfig, checkpoint: Any, run_dir: str | Path, tracker, predictions: Any = None, source: Any = None,
 ) -> dict[str, Any] | None:
     """The end of ``detexp train``: the same files as ``eval`` for the final checkpoint
     (a ``ray.train.Checkpoint`` or a file) on the val split, written to ``run_dir/eval``
     and logged as the training run's ``eval/`` artifacts. Ray must be running.
     ``predictions``: that checkpoint's validation rows, kept by the workers; the report is
-    then made from them, with no new pass over the images.
+    then made from them, with no new pass over the images, and ``source`` (the training's
+    data) spares reading the val annotations again.
 
     Training has succeeded by then, so a failure here is logged, not raised; returns the
     metrics, or None when there was nothing to report."""
@@ -284,6 +292,7 @@ def report_training(
             state = load_state(Path(checkpoint), cfg.model, len(cfg.dataset.classes) + 1)
         metrics, files, _ = evaluate_split(
             cfg, state, Path(run_dir) / "eval", batch_size=cfg.dataset.batch_size, predictions=predictions,
+            source=source,
         )
         for path in files:
             tracker.log_artifact(path, "eval/pr_curves" if path.parent.name == "pr_curves" else "eval")

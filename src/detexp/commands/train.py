@@ -173,7 +173,8 @@ def train(
     if source.val_ids and cfg.eval_at_end:  # per-class AP, PR curves, image grid of the best model
         from detexp.commands.evaluate import report_training
 
-        report_training(cfg, best_model.existing() or result.checkpoint, run.dir, run.tracker, best_model.predictions)
+        report_training(cfg, best_model.existing() or result.checkpoint, run.dir, run.tracker, best_model.predictions,
+                        source=source)
     return _finish(run, run_id, result.checkpoint, progress)
 
 
