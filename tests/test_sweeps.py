@@ -242,3 +242,27 @@ def test_asha_stops_a_trial_early_and_says_so(ray_cluster, tmp_path, shapes_cach
         assert steps and steps == list(range(len(steps))), (run.info.run_name, steps)
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == steps
     assert "STOPPED" in (tmp_path / "tune" / "sweep_summary.md").read_text()
+
+
+def test_asha_stops_trials_below_the_cutoff_but_never_at_their_last_epoch():
+    """Grace 1, 4 epochs and factor 2 put ASHA's rungs at epochs 1, 2 and 4: below the cutoff
+    at epoch 1 a trial is stopped; below it at epoch 4, its last, it ends itself (its final
+    report, model_final.pt and MLflow run are made after that result)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from detexp.commands.tune import TIME_ATTR, LastEpochsEnd
+
+    asha = LastEpochsEnd(time_attr=TIME_ATTR, max_t=4, grace_period=1, reduction_factor=2,
+                         stop_last_trials=False, metric="val/map_50", mode="max")
+    leader, late, weak = (Trial("trainable", stub=True) for _ in range(3))
+    for trial in (leader, late, weak):
+        asha.on_trial_add(None, trial)
+
+    def decide(trial, epochs, value):
+        return asha.on_trial_result(None, trial, {TIME_ATTR: epochs, "val/map_50": value, "training_iteration": epochs})
+
+    assert [decide(leader, e, 0.9) for e in (1, 2, 3, 4)] == [TrialScheduler.CONTINUE] * 4
+    assert decide(weak, 1, 0.1) == TrialScheduler.STOP  # early stopping still stops
+    assert [decide(late, e, 0.95) for e in (1, 2, 3)] == [TrialScheduler.CONTINUE] * 3
+    assert decide(late, 4, 0.1) == TrialScheduler.CONTINUE  # Ray's ASHA: STOP, at its last epoch

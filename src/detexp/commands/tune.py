@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from detexp.commands.search_space import apply_sample, check_search_space, param_space, search_space
 from detexp.config import TrainConfig, plain
@@ -305,14 +306,14 @@ def _tuner(run: TuneRun, watcher: TrialWatcher, restoring: bool):
 
 def _tune_config(t: Any, base: DictConfig, concurrent: int):
     from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     scheduler = (
-        ASHAScheduler(
+        LastEpochsEnd(
             time_attr=TIME_ATTR, max_t=base.schedule.epochs, grace_period=t.grace_period,
             reduction_factor=t.reduction_factor,
-            stop_last_trials=False,  # a trial at its last epoch ends itself, with its final report
+            stop_last_trials=False,
         )
         if t.scheduler == "asha"
         else FIFOScheduler()
@@ -328,6 +329,20 @@ def _tune_config(t: Any, base: DictConfig, concurrent: int):
         metric=t.metric, mode=str(t.mode), num_samples=t.num_samples, scheduler=scheduler,
         search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
     )
+
+
+class LastEpochsEnd(ASHAScheduler):
+    """Ray Tune's ASHA, but a trial at its last epoch is never stopped: ASHA's last rung may
+    fall on it (grace 1 and 4 epochs: rungs at 1, 2 and 4; grace 1 and 1 epoch: at 1), and
+    a trial below the cutoff there would be stopped while it ends (its final report,
+    ``model_final.pt``, its MLflow run, its Train run's release of its CPUs), though
+    nothing is left to save by then."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        return decision
 
 
 def _trial_run_id(run_dir: Path, trial_id: str) -> str | None:
