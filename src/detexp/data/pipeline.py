@@ -91,11 +91,12 @@ def _row_rng(seed: int, epoch: int, image_id: str) -> np.random.Generator:
 
 
 def _execution_index() -> int:
-    """Which execution of the dataset this task decodes for (0 in the first epoch, 1 in the
-    second, ...): Ray Data's own count, by which its seeded ``random()`` and
-    ``random_shuffle`` draw anew each epoch. (Their draws also depend on the index of the
-    task, which depends on the order blocks arrive in: a row's draw would change from one
-    run to the next.)"""
+    """Which execution of the dataset this task decodes for: Ray Data's own count, kept in
+    the context a dataset shares with those it derives from (the annotations'
+    ``materialize`` counts one), one more each epoch, the same numbers in every run of one
+    config. Ray Data's seeded ``random()`` and ``random_shuffle`` draw anew each epoch by
+    it; their draws also depend on the index of the task, which follows the order blocks
+    arrive in, so a row's draw would change from one run to the next."""
     from ray.data import DataContext
 
     return int(DataContext.get_current()._execution_idx)

@@ -25,4 +25,3 @@ class WorkerPlan:
     # stalled worker's last word (detexp.distributed.watchdog); None: no driver listens.
     events: Any = None
     live_steps: bool = False
-
